@@ -1,0 +1,347 @@
+"""Executes a :class:`MergePlan` tensor by tensor.
+
+Order of work, with three threads so reading, computing and writing overlap:
+
+1. **read** (background thread): for each tensor name, each needed source's tensor is read in its stored dtype,
+   checked for NaN/Inf, and queued. A byte budget bounds what is in flight, so memory follows the largest
+   tensor, not the model size.
+2. **compute** (calling thread, on ``device``): each arriving input is immediately folded into every output that
+   uses it: added into a float32 accumulator for linear methods (then dropped: k inputs never coexist), or
+   copied into that output's ``(k, *shape)`` float32 stack for the others. When a name's last input has
+   arrived, non-linear methods run on their stacks.
+3. **write** (background thread): each result is cast to its output dtype and handed to its sink.
+
+Any error or Ctrl-C aborts every sink, so no output folder is left behind.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
+from mergescale.errors import NonFiniteError
+from mergescale.methods.base import MethodInputs
+
+_DONE = object()
+
+
+@dataclass
+class StreamStats:
+    """What a run cost: wall time, bytes read and tensors produced."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    tensors: int = 0
+    outputs: int = 0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+class _ByteBudget:
+    """Blocks the reader while more than ``limit`` bytes are read but not yet consumed (one item always fits)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.closed:
+                self.cond.wait()
+            self.used += n
+            return not self.closed
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+@dataclass
+class _OutputState:
+    """Work in progress of one output for the current tensor name."""
+
+    spec: OutputSpec
+    coefficients: dict[int, float] | None = None  # source -> coefficient, for linear methods
+    acc: torch.Tensor | None = None  # (*shape) float32 accumulator of linear methods
+    stack: torch.Tensor | None = None  # (k, *shape) float32 inputs of non-linear methods
+    base: torch.Tensor | None = None  # (*shape) float32
+    model_params: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    base_params: dict | None = None
+
+
+def _check_finite(plan: MergePlan, src: int, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise NonFiniteError(
+            f"{plan.labels[src]}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
+        )
+
+
+def _linear_coefficients(state: _OutputState) -> dict[int, float] | None:
+    spec = state.spec
+    fn = spec.method.linear_coefficients
+    if fn is None:
+        return None
+    model_coefs, base_coef = fn(state.model_params, state.params, state.base_params)
+    coefs: dict[int, float] = {}
+    for src, c in zip(spec.models, model_coefs, strict=True):
+        coefs[src] = coefs.get(src, 0.0) + float(c)
+    if spec.base is not None and base_coef != 0.0:
+        coefs[spec.base] = coefs.get(spec.base, 0.0) + float(base_coef)
+    return coefs
+
+
+def run_plan(
+    plan: MergePlan,
+    *,
+    device: str | torch.device = "cpu",
+    check_finite: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
+    prefetch_bytes: int = 1 << 30,
+) -> StreamStats:
+    """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
+
+    Args:
+        plan: from :func:`~mergescale.engine.plan.build_plan`.
+        device: where the arithmetic runs (``cpu``, ``cuda``, ``cuda:1``...); inputs are read on the CPU.
+        check_finite: raise :class:`NonFiniteError` on NaN/Inf in any input tensor.
+        progress: show a rich progress bar (True), nothing (False), or call ``fn(bytes_done, bytes_total)``.
+        prefetch_bytes: how many bytes of input may be read ahead of the computation.
+
+    Returns:
+        :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
+    """
+    device = torch.device(device)
+    stats = StreamStats(outputs=len(plan.outputs))
+    start = time.perf_counter()
+    for out in plan.outputs:
+        out.sink.begin(plan.layout(out))
+    budget = _ByteBudget(prefetch_bytes)
+    read_q: queue.Queue = queue.Queue()
+    write_q: queue.Queue = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, check_finite), daemon=True)
+    writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
+    bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
+    try:
+        reader.start()
+        writer.start()
+        with bar:
+            for job, state in _consume(plan, read_q, budget, device, bar, stats):
+                for out_state in state:
+                    result = _finish(job, out_state, plan)
+                    dtype = plan.output_dtype(out_state.spec, job)
+                    write_q.put((out_state.spec.sink, job.name, result, dtype))
+                    if errors:
+                        raise errors[0]
+                stats.tensors += 1
+            write_q.put(_DONE)
+            writer.join()
+        if errors:
+            raise errors[0]
+        for out in plan.outputs:
+            out.sink.commit()
+    except BaseException:
+        budget.close()
+        _drain(write_q)
+        for out in plan.outputs:
+            out.sink.abort()
+        raise
+    finally:
+        for src in plan.sources:
+            src.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, check_finite: bool) -> None:
+    try:
+        for j, job in enumerate(plan.jobs):
+            for src in job.sources:
+                t = plan.sources[src].read(job.name)
+                nbytes = t.numel() * t.element_size()
+                if not budget.acquire(nbytes):
+                    return
+                if check_finite:
+                    _check_finite(plan, src, job.name, t)
+                read_q.put((j, src, t, nbytes))
+        read_q.put(_DONE)
+    except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
+        read_q.put(exc)
+
+
+def _write_all(write_q: queue.Queue, errors: list[BaseException]) -> None:
+    while True:
+        item = write_q.get()
+        if item is _DONE:
+            return
+        if errors:
+            continue  # keep draining so the producer never blocks
+        sink, name, tensor, dtype = item
+        try:
+            sink.write(name, tensor.to(dtype))
+        except BaseException as exc:
+            errors.append(exc)
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _start_job(plan: MergePlan, job: TensorJob) -> list[_OutputState]:
+    states = []
+    for spec in plan.outputs:
+        st = _OutputState(spec)
+        st.model_params = [resolve(p, job.name) or {} for p in spec.model_params]
+        st.params = resolve(spec.params, job.name) or {}
+        st.base_params = resolve(spec.base_params, job.name)
+        if job.dtype.is_floating_point:
+            st.coefficients = _linear_coefficients(st)
+        states.append(st)
+    return states
+
+
+def _consume(
+    plan: MergePlan,
+    read_q: queue.Queue,
+    budget: _ByteBudget,
+    device: torch.device,
+    bar: _Progress,
+    stats: StreamStats,
+) -> Iterator[tuple[TensorJob, list[_OutputState]]]:
+    current: int | None = None
+    states: list[_OutputState] = []
+    remaining = 0
+    while True:
+        item = read_q.get()
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        j, src, t, nbytes = item
+        job = plan.jobs[j]
+        if j != current:
+            current, states, remaining = j, _start_job(plan, job), len(job.sources)
+        x = t.to(device, non_blocking=True)
+        for st in states:
+            _fold(st, job, src, x)
+        del x, t
+        budget.release(nbytes)
+        stats.bytes_read += nbytes
+        bar.advance(nbytes)
+        remaining -= 1
+        if remaining == 0:
+            yield job, states
+            bar.tensor_done()
+            current, states = None, []
+
+
+def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> None:
+    """Fold one input tensor into an output's state (accumulate, or place in the stack)."""
+    spec = st.spec
+    if not job.dtype.is_floating_point:
+        if src == spec.reference:
+            st.acc = x
+        return
+    if st.coefficients is not None:
+        c = st.coefficients.get(src)
+        if c is None:
+            return
+        if st.acc is None:
+            # (*shape) float32; the first term initialises it to skip a zero fill
+            st.acc = x.to(torch.float32) * c
+        else:
+            st.acc.add_(x, alpha=c)
+        return
+    if src == spec.base:
+        st.base = x.to(torch.float32)
+    positions = [p for p, m in enumerate(spec.models) if m == src]
+    if positions:
+        if st.stack is None:
+            st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
+        for p in positions:
+            st.stack[p].copy_(x)
+
+
+def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
+    spec = st.spec
+    if not job.dtype.is_floating_point or st.coefficients is not None:
+        assert st.acc is not None, f"{job.name}: no input reached {spec.label}"
+        return st.acc
+    assert st.stack is not None
+    inputs = MethodInputs(
+        name=job.name,
+        tensors=st.stack,
+        base=st.base,
+        model_params=st.model_params,
+        params=st.params,
+        base_params=st.base_params,
+        seed=spec.seed,
+    )
+    return spec.method(inputs)
+
+
+class _Progress:
+    """A rich progress bar over bytes read, with tensors done and GB/s; or a callback; or nothing."""
+
+    def __init__(self, progress: bool | Callable[[int, int], None], total_bytes: int, total_tensors: int) -> None:
+        self.callback = progress if callable(progress) else None
+        self.total = total_bytes
+        self.total_tensors = total_tensors
+        self.done_bytes = 0
+        self.done_tensors = 0
+        self.bar = None
+        if progress is True:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]merging[/] {task.fields[tensors]}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self.task = self.bar.add_task("merge", total=total_bytes, tensors=f"0/{total_tensors} tensors")
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def advance(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes)
+        elif self.callback is not None:
+            self.callback(self.done_bytes, self.total)
+
+    def tensor_done(self) -> None:
+        self.done_tensors += 1
+        if self.bar is not None:
+            self.bar.update(self.task, tensors=f"{self.done_tensors}/{self.total_tensors} tensors")

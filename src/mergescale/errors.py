@@ -1,0 +1,35 @@
+"""One exception type per kind of bad input.
+
+Every message names the file, model, tensor or key at fault, on one line, so the CLI can print it
+without a traceback. All of them derive from :class:`MergeScaleError`, which the CLI catches.
+"""
+
+from __future__ import annotations
+
+
+class MergeScaleError(Exception):
+    """Base class of every error mergescale reports to a user."""
+
+
+class ConfigError(MergeScaleError):
+    """A configuration file or value is invalid (unknown key, unknown method, out-of-range value)."""
+
+
+class InputModelError(MergeScaleError):
+    """An input model cannot be used: missing path, unreadable or corrupt file, different architecture."""
+
+
+class TensorMismatchError(MergeScaleError):
+    """Input models disagree on a tensor: missing in one model, or different shapes."""
+
+
+class NonFiniteError(MergeScaleError):
+    """An input tensor holds NaN or Inf values."""
+
+
+class OutputError(MergeScaleError):
+    """The output location cannot be written (non-empty folder without overwrite, ...)."""
+
+
+class TaskError(MergeScaleError):
+    """An evaluation task, suite or data file is invalid."""

@@ -1,0 +1,154 @@
+"""The contract between the engine and the merge methods.
+
+A merge method is a pure function ``MethodInputs -> torch.Tensor`` plus a description of the parameters it
+accepts (:class:`ParamSpec`), so configs can be validated before any tensor is read. Methods never open a file,
+never read YAML and never mutate their inputs' meaning for the caller (in-place work on ``inputs.tensors`` is
+allowed: the engine hands each method a buffer it owns, see :attr:`MethodInputs.tensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+ParamValue = float | int | bool
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method, as it may appear in a mergekit-style config.
+
+    ``default=None`` means required. ``low``/``high`` bound numeric values; ``low_open``/``high_open`` make a
+    bound exclusive, e.g. density in (0, 1] is ``low=0, low_open=True, high=1``.
+    """
+
+    name: str
+    kind: type = float
+    default: ParamValue | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def check(self, value: object) -> str | None:
+        """Return a reason why ``value`` is not acceptable, or None when it is."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number, got {value!r}"
+        v = float(value)
+        if v != v or v in (float("inf"), float("-inf")):
+            return f"must be finite, got {value!r}"
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+        if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}, got {value!r}"
+        return None
+
+
+def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """A 63-bit seed that depends on (seed, tensor name, model index) alone.
+
+    Independent of the order tensors are processed in, of threads and of the device, so randomised methods
+    (DARE) give the same masks however the merge is scheduled.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{tensor_name}\x00{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class MethodInputs:
+    """Everything a method sees for one output tensor.
+
+    Attributes:
+        name: the tensor's name, e.g. ``model.layers.0.self_attn.q_proj.weight``.
+        tensors: ``(k, *shape)`` float32 stack of the k merged models' tensors, in config order, on ``device``.
+            The base model is not in it, even when the config lists it under ``models``. The engine owns this
+            buffer and never reuses its contents after the call, so a method may modify it in place.
+        base: ``(*shape)`` float32 tensor of the base model, or None when the config has no ``base_model``.
+        model_params: one dict per entry of ``tensors``: that model's parameters resolved for this tensor
+            (filters and gradients applied, defaults filled in).
+        params: the method's global parameters resolved for this tensor, defaults filled in.
+        base_params: the parameters of the base model's own entry when the config lists the base under
+            ``models`` (mergekit allows it), else None.
+        seed: the merge's seed; use :meth:`generator` for random draws.
+    """
+
+    name: str
+    tensors: torch.Tensor
+    base: torch.Tensor | None
+    model_params: Sequence[dict[str, ParamValue]]
+    params: dict[str, ParamValue]
+    base_params: dict[str, ParamValue] | None = None
+    seed: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors.device
+
+    @property
+    def k(self) -> int:
+        return int(self.tensors.shape[0])
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, tensor name, model index) only."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(tensor_seed(self.seed, self.name, model_index))
+        return g
+
+
+MethodFn = Callable[[MethodInputs], torch.Tensor]
+LinearCoefficientsFn = Callable[
+    [Sequence[dict[str, ParamValue]], dict[str, ParamValue], "dict[str, ParamValue] | None"],
+    tuple[list[float], float],
+]
+"""(model_params, params, base_params) -> (coefficient of each model, coefficient of the base)."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: the pure function and what it accepts.
+
+    Attributes:
+        name: the ``merge_method`` value in configs.
+        fn: the pure function; returns a float32 tensor of the merged shape.
+        base: whether ``base_model`` is required, optional or ignored.
+        model_params: per-model parameters (under each ``models[i].parameters``).
+        global_params: top-level ``parameters``.
+        min_models / max_models: how many non-base models the method takes.
+        randomized: draws random masks (uses ``seed``).
+        reference: the paper (URL) the method comes from.
+        linear_coefficients: for methods whose output is a fixed linear combination Σ cᵢθᵢ + c_base·θ_base
+            of the inputs (given the parameters), the function giving those coefficients; the engine then
+            accumulates input by input instead of stacking all k tensors. Must agree with ``fn``.
+    """
+
+    name: str
+    fn: MethodFn
+    base: Literal["required", "optional", "unused"]
+    model_params: tuple[ParamSpec, ...] = ()
+    global_params: tuple[ParamSpec, ...] = ()
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    reference: str = ""
+    linear_coefficients: LinearCoefficientsFn | None = None
+    doc: str = field(default="", compare=False)
+
+    def __call__(self, inputs: MethodInputs) -> torch.Tensor:
+        return self.fn(inputs)
+
+    def param_spec(self, name: str) -> ParamSpec | None:
+        for spec in (*self.model_params, *self.global_params):
+            if spec.name == name:
+                return spec
+        return None
