@@ -16,6 +16,7 @@ Any error or Ctrl-C aborts every sink, so no output folder is left behind.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -87,7 +88,14 @@ class _OutputState:
 
 
 def _check_finite(plan: MergePlan, src: int, name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """Raise on NaN/Inf in a float32 tensor.
+
+    A sum is ten times cheaper than ``isfinite`` and is non-finite whenever an entry is; only then (or on an
+    overflowing sum of finite values) is the exact check run.
+    """
+    if not t.is_floating_point() or math.isfinite(float(t.sum())):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise NonFiniteError(
             f"{plan.labels[src]}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
@@ -106,6 +114,34 @@ def _linear_coefficients(state: _OutputState) -> dict[int, float] | None:
     if spec.base is not None and base_coef != 0.0:
         coefs[spec.base] = coefs.get(spec.base, 0.0) + float(base_coef)
     return coefs
+
+
+def tune_allocator() -> None:
+    """Make glibc keep freed large blocks for reuse instead of returning them to the OS.
+
+    Merging allocates and frees tensors of the same few sizes over and over; by default each one above 32 MB
+    is a fresh mmap whose pages fault in on first touch, which was measured to cost more than reading the
+    inputs (4 s vs 0.8 s to read and convert 2.7 GB here). Peak memory is unchanged: it still follows the
+    largest tensors in flight.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+        # threads' own arenas cap heap blocks at 64 MB and fall back to mmap; one arena reuses everything
+        libc.mallopt(m_arena_max, 1)
+    except (OSError, AttributeError):  # not glibc: keep the defaults
+        pass
+
+
+_ALLOCATOR_TUNED = False
 
 
 def run_plan(
@@ -129,6 +165,7 @@ def run_plan(
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
     """
     device = torch.device(device)
+    tune_allocator()
     stats = StreamStats(outputs=len(plan.outputs))
     start = time.perf_counter()
     for out in plan.outputs:
@@ -137,14 +174,14 @@ def run_plan(
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=4)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, check_finite), daemon=True)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     try:
         reader.start()
         writer.start()
         with bar:
-            for job, state in _consume(plan, read_q, budget, device, bar, stats):
+            for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite):
                 for out_state in state:
                     result = _finish(job, out_state, plan)
                     dtype = plan.output_dtype(out_state.spec, job)
@@ -171,7 +208,7 @@ def run_plan(
     return stats
 
 
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, check_finite: bool) -> None:
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for src in job.sources:
@@ -179,8 +216,6 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, check_f
                 nbytes = t.numel() * t.element_size()
                 if not budget.acquire(nbytes):
                     return
-                if check_finite:
-                    _check_finite(plan, src, job.name, t)
                 read_q.put((j, src, t, nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
@@ -229,6 +264,7 @@ def _consume(
     device: torch.device,
     bar: _Progress,
     stats: StreamStats,
+    check_finite: bool,
 ) -> Iterator[tuple[TensorJob, list[_OutputState]]]:
     current: int | None = None
     states: list[_OutputState] = []
@@ -244,9 +280,13 @@ def _consume(
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
         x = t.to(device, non_blocking=True)
+        # one float32 copy shared by every output: mixed-dtype in-place ops are several times slower
+        xf = x.to(torch.float32) if x.is_floating_point() else x
+        if check_finite:
+            _check_finite(plan, src, job.name, xf)
         for st in states:
-            _fold(st, job, src, x)
-        del x, t
+            _fold(st, job, src, x, xf)
+        del x, xf, t
         budget.release(nbytes)
         stats.bytes_read += nbytes
         bar.advance(nbytes)
@@ -257,7 +297,7 @@ def _consume(
             current, states = None, []
 
 
-def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> None:
+def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor, xf: torch.Tensor) -> None:
     """Fold one input tensor into an output's state (accumulate, or place in the stack)."""
     spec = st.spec
     if not job.dtype.is_floating_point:
@@ -270,12 +310,12 @@ def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> None:
             return
         if st.acc is None:
             # (*shape) float32; the first term initialises it to skip a zero fill
-            st.acc = x.to(torch.float32) * c
+            st.acc = xf * c
         else:
-            st.acc.add_(x, alpha=c)
+            st.acc.add_(xf, alpha=c)
         return
     if src == spec.base:
-        st.base = x.to(torch.float32)
+        st.base = xf
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:

@@ -1,0 +1,5 @@
+"""``python -m mergescale`` is the ``mergescale`` command."""
+
+from mergescale.cli import main
+
+main()
