@@ -31,10 +31,10 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def cfg(method: str, models: list[Path], base: Path | None = None, params=None, model_params=None, **extra):
-    model_params = model_params or {"weight": 1.0}
+    model_params = {"weight": 1.0} if model_params is None else model_params
     c = {
         "merge_method": method,
-        "models": [{"model": str(m), "parameters": dict(model_params)} for m in models],
+        "models": [{"model": str(m), **({"parameters": dict(model_params)} if model_params else {})} for m in models],
         "parameters": dict(params or {}),
     }
     if base is not None:
@@ -122,7 +122,7 @@ def test_each_method_merges_a_real_model(llama_models, tmp_path, method):
     model_params, params = METHOD_CASES[method]
     experts = [llama_models["expert0"], llama_models["expert1"], llama_models["expert2"]]
     out = tmp_path / "out"
-    merge(cfg(method, experts, base=llama_models["base"], params=params, model_params=model_params or None),
+    merge(cfg(method, experts, base=llama_models["base"], params=params, model_params=model_params),
           out, progress=False)
     assert_loads_and_runs(out)
     base = tensors(llama_models["base"])
@@ -132,8 +132,7 @@ def test_each_method_merges_a_real_model(llama_models, tmp_path, method):
 
 def test_slerp_merges_two_models(llama_models, tmp_path):
     out = tmp_path / "out"
-    c = cfg("slerp", [llama_models["expert0"]], base=llama_models["base"], params={"t": 0.5})
-    c["models"][0].pop("parameters")
+    c = cfg("slerp", [llama_models["expert0"]], base=llama_models["base"], params={"t": 0.5}, model_params={})
     merge(c, out, progress=False)
     assert_loads_and_runs(out)
 
@@ -282,7 +281,7 @@ def test_weights_summing_to_zero(good, tmp_path):
     c["models"][0]["parameters"]["weight"] = 1.0
     c["models"][1]["parameters"]["weight"] = -1.0
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="sum to zero"):
+    with pytest.raises(ConfigError, match=r"linear: tensor '[\w.]+': weights sum to 0"):
         merge(c, out, progress=False)
     no_leftovers(out)
 
@@ -343,3 +342,16 @@ def test_cli_merge_and_one_line_error(good, tmp_path):
     assert "unknown merge method 'avg'" in err.stderr and "Traceback" not in err.stderr
     assert len(err.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_cuda_merge_equals_cpu(llama_models, method):
+    experts = [llama_models["expert0"], llama_models["expert1"]]
+    c = cfg(method, experts, base=llama_models["base"], model_params={"weight": 1.0, "density": 0.5},
+            seed=3) if method != "linear" else cfg("linear", experts)
+    cpu = merge_to_memory(c, device="cpu").state_dict
+    gpu = merge_to_memory(c, device="cuda").state_dict
+    for name, t in cpu.items():
+        torch.testing.assert_close(gpu[name].cpu(), t, rtol=1e-5, atol=1e-6)

@@ -207,4 +207,18 @@ def build_plan(sources: Sequence[TensorSource], labels: Sequence[str], outputs: 
         srcs = tuple(sorted(needed[n])) if ref_info.dtype.is_floating_point else (ref,)
         nbytes = sum(info(i)[n].nbytes for i in srcs)
         plan.jobs.append(TensorJob(n, ref_info.shape, ref_info.dtype, srcs, nbytes))
+    _check_parameters(plan)
     return plan
+
+
+def _check_parameters(plan: MergePlan) -> None:
+    """Resolve every output's parameters for every tensor once, so a bad value (weights summing to zero for
+    one filtered tensor, say) fails here rather than halfway through the merge."""
+    for out in plan.outputs:
+        fn = out.method.linear_coefficients
+        for job in plan.jobs:
+            model_params = [resolve(p, job.name) or {} for p in out.model_params]
+            params = resolve(out.params, job.name) or {}
+            base_params = resolve(out.base_params, job.name)
+            if fn is not None and job.dtype.is_floating_point:
+                fn(model_params, params, base_params, name=job.name)

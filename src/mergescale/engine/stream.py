@@ -102,12 +102,12 @@ def _check_finite(plan: MergePlan, src: int, name: str, t: torch.Tensor) -> None
         )
 
 
-def _linear_coefficients(state: _OutputState) -> dict[int, float] | None:
+def _linear_coefficients(state: _OutputState, name: str) -> dict[int, float] | None:
     spec = state.spec
     fn = spec.method.linear_coefficients
     if fn is None:
         return None
-    model_coefs, base_coef = fn(state.model_params, state.params, state.base_params)
+    model_coefs, base_coef = fn(state.model_params, state.params, state.base_params, name=name)
     coefs: dict[int, float] = {}
     for src, c in zip(spec.models, model_coefs, strict=True):
         coefs[src] = coefs.get(src, 0.0) + float(c)
@@ -252,7 +252,7 @@ def _start_job(plan: MergePlan, job: TensorJob) -> list[_OutputState]:
         st.params = resolve(spec.params, job.name) or {}
         st.base_params = resolve(spec.base_params, job.name)
         if job.dtype.is_floating_point:
-            st.coefficients = _linear_coefficients(st)
+            st.coefficients = _linear_coefficients(st, job.name)
         states.append(st)
     return states
 

@@ -107,11 +107,9 @@ class MethodInputs:
 
 
 MethodFn = Callable[[MethodInputs], torch.Tensor]
-LinearCoefficientsFn = Callable[
-    [Sequence[dict[str, ParamValue]], dict[str, ParamValue], "dict[str, ParamValue] | None"],
-    tuple[list[float], float],
-]
-"""(model_params, params, base_params) -> (coefficient of each model, coefficient of the base)."""
+LinearCoefficientsFn = Callable[..., tuple[list[float], float]]
+"""``(model_params, params, base_params, *, name)`` -> (coefficient of each model, coefficient of the base);
+``name`` is the tensor's, for error messages."""
 
 
 @dataclass(frozen=True)
