@@ -87,7 +87,7 @@ class _OutputState:
     base_params: dict | None = None
 
 
-def _check_finite(plan: MergePlan, src: int, name: str, t: torch.Tensor) -> None:
+def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
     """Raise on NaN/Inf in a float32 tensor.
 
     A sum is ten times cheaper than ``isfinite`` and is non-finite whenever an entry is; only then (or on an
@@ -98,7 +98,7 @@ def _check_finite(plan: MergePlan, src: int, name: str, t: torch.Tensor) -> None
     if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise NonFiniteError(
-            f"{plan.labels[src]}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
+            f"{label}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
         )
 
 
@@ -150,7 +150,7 @@ def run_plan(
     device: str | torch.device = "cpu",
     check_finite: bool = True,
     progress: bool | Callable[[int, int], None] = True,
-    prefetch_bytes: int = 1 << 30,
+    prefetch_bytes: int = 512 << 20,
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -172,9 +172,9 @@ def run_plan(
         out.sink.begin(plan.layout(out))
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
-    write_q: queue.Queue = queue.Queue(maxsize=4)
+    write_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, device.type == "cpu"), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     try:
@@ -184,6 +184,8 @@ def run_plan(
             for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite):
                 for out_state in state:
                     result = _finish(job, out_state, plan)
+                    if check_finite and out_state.coefficients is not None:
+                        _check_linear_result(plan, job, out_state, result)
                     dtype = plan.output_dtype(out_state.spec, job)
                     write_q.put((out_state.spec.sink, job.name, result, dtype))
                     if errors:
@@ -208,15 +210,19 @@ def run_plan(
     return stats
 
 
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, to_float32: bool) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for src in job.sources:
                 t = plan.sources[src].read(job.name)
+                read_bytes = t.numel() * t.element_size()
+                if to_float32 and t.is_floating_point():
+                    # converting here, beside the computation, uses the second core
+                    t = t.to(torch.float32)
                 nbytes = t.numel() * t.element_size()
                 if not budget.acquire(nbytes):
                     return
-                read_q.put((j, src, t, nbytes))
+                read_q.put((j, src, t, nbytes, read_bytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
         read_q.put(exc)
@@ -275,21 +281,24 @@ def _consume(
             return
         if isinstance(item, BaseException):
             raise item
-        j, src, t, nbytes = item
+        j, src, t, nbytes, read_bytes = item
         job = plan.jobs[j]
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
-        x = t.to(device, non_blocking=True)
         # one float32 copy shared by every output: mixed-dtype in-place ops are several times slower
-        xf = x.to(torch.float32) if x.is_floating_point() else x
-        if check_finite:
-            _check_finite(plan, src, job.name, xf)
+        x = t.to(device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(torch.float32)
+        stacked = False
         for st in states:
-            _fold(st, job, src, x, xf)
-        del x, xf, t
+            stacked |= _fold(st, job, src, x)
+        if check_finite and stacked:
+            # linear outputs are checked once on their result instead (see _finish)
+            _check_finite(plan.labels[src], job.name, x)
+        del x, t
         budget.release(nbytes)
-        stats.bytes_read += nbytes
-        bar.advance(nbytes)
+        stats.bytes_read += read_bytes
+        bar.advance(read_bytes)
         remaining -= 1
         if remaining == 0:
             yield job, states
@@ -297,31 +306,46 @@ def _consume(
             current, states = None, []
 
 
-def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor, xf: torch.Tensor) -> None:
-    """Fold one input tensor into an output's state (accumulate, or place in the stack)."""
+def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> bool:
+    """Fold one float32 input into an output's state: accumulate it, or place it in the stack.
+
+    Returns True when the input went into a stack (or became the base) of a non-linear method.
+    """
     spec = st.spec
     if not job.dtype.is_floating_point:
         if src == spec.reference:
             st.acc = x
-        return
+        return False
     if st.coefficients is not None:
         c = st.coefficients.get(src)
-        if c is None:
-            return
-        if st.acc is None:
-            # (*shape) float32; the first term initialises it to skip a zero fill
-            st.acc = xf * c
-        else:
-            st.acc.add_(xf, alpha=c)
-        return
+        if c is not None:
+            if st.acc is None:
+                st.acc = x * c  # (*shape) float32; the first term initialises it, no zero fill
+            else:
+                st.acc.add_(x, alpha=c)
+        return False
+    used = False
     if src == spec.base:
-        st.base = xf
+        st.base = x
+        used = True
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:
             st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
         for p in positions:
             st.stack[p].copy_(x)
+        used = True
+    return used
+
+
+def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, result: torch.Tensor) -> None:
+    """A weighted sum is non-finite iff an input with a coefficient was (0·NaN is NaN too), or it overflowed:
+    one check of the result replaces k checks of the inputs; the culprit is looked up only on failure."""
+    if math.isfinite(float(result.sum())) or bool(torch.isfinite(result).all()):
+        return
+    for src in st.coefficients or {}:
+        _check_finite(plan.labels[src], job.name, plan.sources[src].read(job.name).to(torch.float32))
+    raise NonFiniteError(f"{st.spec.label}: tensor {job.name!r} overflows to Inf when merged")
 
 
 def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
