@@ -65,9 +65,11 @@ def _tiny_models(root: Path, n_experts: int, seed: int) -> tuple[Path, list[Path
 def run_demo(out_dir: str | Path, *, n_experts: int = 3, seed: int = 0, overwrite: bool = False) -> list[DemoRow]:
     """Create tiny models under ``out_dir/models`` and merge them with each demo method into ``out_dir/merges``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from mergescale.api import merge
 
+    hf_logging.disable_progress_bar()  # our own table says what happened
     root = Path(out_dir)
     models_dir = root / "models"
     if not (models_dir / "base" / "config.json").is_file() or overwrite:
