@@ -57,11 +57,12 @@ def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
     model_params, params = METHODS[method]
     cfg = {
         "merge_method": method,
-        "base_model": str(base),
         "models": [{"model": str(e), "parameters": dict(model_params)} for e in experts],
         "parameters": dict(params),
         "dtype": "bfloat16",
     }
+    if method != "linear":  # linear averages the experts; a base_model would be merged in as a fifth model
+        cfg["base_model"] = str(base)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

@@ -113,3 +113,10 @@ def test_bad_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
+
+
+def test_linear_with_base_needs_its_weight():
+    with pytest.raises(ConfigError, match=r"base_model \(base\) is merged like the other models by 'linear' and needs 'weight'"):
+        load_config({"merge_method": "linear", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1}}]})
+    load_config({"merge_method": "linear", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                 "parameters": {"weight": 0.5}})

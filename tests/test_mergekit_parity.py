@@ -61,3 +61,21 @@ def test_same_weights_as_mergekit(llama_models, tmp_path, case):
     assert ours.keys() == theirs.keys()
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name], t, rtol=1e-5, atol=1e-6, msg=f"{case}: {name}")
+
+
+def test_linear_with_unlisted_base_merges_it_with_top_level_weight(llama_models, tmp_path):
+    """mergekit appends base_model to a linear merge even when it is not under models."""
+    cfg = {
+        "merge_method": "linear",
+        "base_model": str(llama_models["base"]),
+        "models": [{"model": str(llama_models["expert0"]), "parameters": {"weight": 2.0}},
+                   {"model": str(llama_models["expert1"]), "parameters": {"weight": 1.0}}],
+        "parameters": {"weight": 0.5},
+        "dtype": "float32",
+    }
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mergekit"),
+                             options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    merge(cfg, tmp_path / "ours", progress=False)
+    theirs = dict(iter_tensors(open_checkpoint(tmp_path / "mergekit")))
+    for name, t in iter_tensors(open_checkpoint(tmp_path / "ours")):
+        torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-6)

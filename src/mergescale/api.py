@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from mergescale.config import MergeConfig, global_resolver, load_config, model_resolver, num_layers
+from mergescale.config import (
+    InputModel,
+    MergeConfig,
+    global_resolver,
+    load_config,
+    model_resolver,
+    num_layers,
+)
 from mergescale.engine.plan import MergePlan, OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.io.checkpoint import TensorSource, open_checkpoint, resolve_model_path
@@ -61,6 +68,8 @@ def output_for_config(config: MergeConfig, pool: SourcePool, sink: TensorSink, l
     ref = base if base is not None else models[0]
     n_layers = num_layers(pool.sources[ref].config)
     base_entry = config.base_entry()
+    if base_entry is None and base is not None and config.method.base == "optional":
+        base_entry = InputModel(model=config.base_model)  # merged with the top-level parameters, as mergekit
     return OutputSpec(
         label=label,
         method=config.method,

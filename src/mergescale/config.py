@@ -230,6 +230,16 @@ def validate_config(config: MergeConfig, label: str = "config") -> None:
         for spec in method.model_params:
             if spec.required and key_missing(entry, config, spec.name):
                 raise ConfigError(f"{label}: models[{i}] ({entry.model}): missing required parameter {spec.name!r}")
+    if config.base_model is not None and method.base == "optional":
+        # mergekit merges the base like any model for these methods: with its own entry's parameters, or the
+        # top-level ones when the base is not listed under models
+        entry = config.base_entry() or InputModel(model=config.base_model)
+        for spec in method.model_params:
+            if spec.required and key_missing(entry, config, spec.name):
+                raise ConfigError(
+                    f"{label}: base_model ({config.base_model}) is merged like the other models by "
+                    f"{method.name!r} and needs {spec.name!r} (under its models entry or top-level parameters)"
+                )
     for spec in method.global_params:
         if spec.required and spec.name not in (config.parameters or {}):
             raise ConfigError(f"{label}: parameters: missing required parameter {spec.name!r}")

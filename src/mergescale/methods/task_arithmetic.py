@@ -1,0 +1,281 @@
+"""The task-arithmetic family: one algorithm, eight presets.
+
+With task vectors τᵢ = θᵢ − θ_base of the k merged models and their weights wᵢ:
+
+1. sparsify each τᵢ (none, magnitude, random, magnitude_outliers or della_magprune; :mod:`.sparsify`),
+   optionally rescaled (factor sᵢ), giving τ'ᵢ;
+2. weight: δᵢ = wᵢ·sᵢ·τ'ᵢ;
+3. without consensus: Δ = Σᵢ δᵢ, divisor D = Σᵢ wᵢ;
+   with sign consensus (TIES "elect"): per entry the elected sign is sign(Σᵢ δᵢ) (ties at 0 → +), an entry of δᵢ
+   agrees when its sign equals it (zero entries never agree), and the "disjoint mean" keeps only agreeing
+   entries: Δ = Σᵢ δᵢ·[agree], D = Σᵢ wᵢ·[agree] (D = 0 → 1);
+4. ``normalize``: Δ ← Δ / D;
+5. θ = θ_base + λ·Δ.
+
+Presets (mergekit 0.1.5 ``merge_methods/registry.py`` + ``generalized_task_arithmetic.py``; every default here
+equals mergekit's, so the same YAML gives the same weights):
+
+=================  ==================  =========  =========  ==========  =========================================
+name               sparsification      consensus  normalize  rescale     paper
+=================  ==================  =========  =========  ==========  =========================================
+task_arithmetic    none                no         false      false       https://arxiv.org/abs/2212.04089
+ties               magnitude           sum        true       false       https://arxiv.org/abs/2306.01708
+dare_ties          random              sum        false      true        https://arxiv.org/abs/2311.03099
+dare_linear        random              no         false      true        https://arxiv.org/abs/2311.03099
+breadcrumbs        magnitude_outliers  no         false      false       https://arxiv.org/abs/2312.06795
+breadcrumbs_ties   magnitude_outliers  sum        false      false       https://arxiv.org/abs/2312.06795
+della              della_magprune      sum        true       true        https://arxiv.org/abs/2406.11617
+della_linear       della_magprune      no         false      true        https://arxiv.org/abs/2406.11617
+=================  ==================  =========  =========  ==========  =========================================
+
+Parameters, as in mergekit: per model ``weight`` (required), ``density`` (default 1.0; ignored by
+task_arithmetic), ``gamma`` (breadcrumbs*, default 0.01), ``epsilon`` (della*, default 0.15); global ``lambda``
+(1.0), ``normalize`` and ``rescale`` (per preset, above) and ``int8_mask`` (false; only mergekit's mask dtype,
+no effect on the result here). Our additions: density must lie in (0, 1] (mergekit silently treats > 1 as 1), and
+``rescale_by_density`` (random presets, default false) rescales DARE survivors by 1/density as the DARE paper
+does, instead of mergekit's L1-norm matching.
+
+Base model: required. Listed under ``models`` or not, it only serves as θ_base: mergekit gives the base's entry no
+task vector and ignores its ``weight``/``density`` (they are "non-base" parameters), so ``base_params`` is unused.
+
+Differences from mergekit, on purpose: without consensus, ``normalize`` with weights summing to zero (|Σw| <
+1e-8) raises :class:`ConfigError` (mergekit silently divides by 1); magnitude ties at the trim threshold are
+broken by index (mergekit: unstable sort order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from mergescale.errors import ConfigError
+from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue
+from mergescale.methods.linear import ZERO_SUM
+from mergescale.methods.sparsify import RANDOM, KeepRule, Sparsification, prepare_
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named configuration of the general algorithm."""
+
+    name: str
+    sparsification: Sparsification | None
+    consensus: bool
+    default_normalize: bool
+    default_rescale: bool
+    reference: str
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
+    Preset("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    Preset("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
+    Preset("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
+    Preset("breadcrumbs", "magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
+    Preset("breadcrumbs_ties", "magnitude_outliers", True, False, False, "https://arxiv.org/abs/2312.06795"),
+    Preset("della", "della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617"),
+    Preset("della_linear", "della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
+)
+
+
+def _normalize_divisor(weights: Sequence[float], normalize: bool, where: str) -> float:
+    if not normalize:
+        return 1.0
+    total = sum(weights)
+    if abs(total) < ZERO_SUM:
+        raise ConfigError(f"{where}: weights sum to {total:g} with normalize: true; cannot divide by it")
+    return total
+
+
+def coefficients(
+    model_params: Sequence[dict[str, ParamValue]],
+    params: dict[str, ParamValue],
+    base_params: dict[str, ParamValue] | None = None,
+    *,
+    name: str = "<tensor>",
+    default_normalize: bool = False,
+    method: str = "task_arithmetic",
+) -> tuple[list[float], float]:
+    """Task arithmetic without sparsification as Σ cᵢθᵢ + c_base·θ_base.
+
+    θ_base + λ/D·Σ wᵢ(θᵢ − θ_base) gives cᵢ = λwᵢ/D and c_base = 1 − λΣwᵢ/D (D = Σwᵢ with normalize, else 1).
+    ``base_params`` is unused: the base's own weight never enters (mergekit semantics).
+    """
+    weights = [float(p["weight"]) for p in model_params]
+    lam = float(params.get("lambda", 1.0))
+    normalize = bool(params.get("normalize", default_normalize))
+    divisor = _normalize_divisor(weights, normalize, f"{method}: tensor {name!r}")
+    coefs = [lam * w / divisor for w in weights]
+    return coefs, 1.0 - sum(coefs)
+
+
+def merge_task_vectors(inputs: MethodInputs, preset: Preset) -> torch.Tensor:
+    """The general algorithm (module docstring) for one tensor; float32 of the input shape.
+
+    Order of work, so memory is swept as few times as possible: (1) per model, τᵢ = θᵢ − θ_base in place in the
+    engine-owned stack, fused with finding what survives (thresholds, or the random mask applied);
+    (2) per cache-sized chunk of columns, zero the dropped entries of every τᵢ and combine them into the output.
+    """
+    where = f"{preset.name}: tensor {inputs.name!r}"
+    if inputs.base is None:
+        raise ConfigError(f"{where}: needs base_model")
+    shape = inputs.base.shape
+    base = inputs.base.to(torch.float32).reshape(-1)  # (n,)
+    k = inputs.k
+    if k == 0:
+        return base.clone().view(shape)
+    params = inputs.params
+    mp = inputs.model_params
+    weights = [float(p["weight"]) for p in mp]
+    densities = [float(p.get("density", 1.0)) for p in mp]
+    lam = float(params.get("lambda", 1.0))
+    normalize = bool(params.get("normalize", preset.default_normalize))
+    rescale = bool(params.get("rescale", preset.default_rescale))
+    sparse = preset.sparsification is not None and any(d < 1.0 for d in densities)
+
+    stack = inputs.tensors.to(torch.float32).reshape(k, -1)  # (k, n) θᵢ; engine-owned, modified in place
+    if not sparse and not preset.consensus:
+        # A fixed linear combination: Σ cᵢθᵢ + c_base·θ_base, no task vectors needed.
+        coefs, c_base = coefficients(
+            mp, params, name=inputs.name, default_normalize=preset.default_normalize, method=preset.name
+        )
+        c = torch.tensor(coefs, dtype=torch.float32, device=stack.device)  # (k,)
+        return torch.addmv(base, stack.T, c, beta=c_base).view(shape)  # (n,)
+
+    # (1) task vectors and what survives of them
+    rules = [KeepRule()] * k
+    if sparse:
+        for i in range(k):
+            rules[i] = prepare_(
+                stack[i],
+                base,
+                shape,
+                preset.sparsification,
+                densities[i],
+                rescale=rescale,
+                rescale_by_density=bool(params.get("rescale_by_density", False)),
+                gamma=float(mp[i].get("gamma", 0.01)),
+                epsilon=float(mp[i].get("epsilon", 0.15)),
+                generator=inputs.generator(i) if preset.sparsification in RANDOM else None,
+                where=f"{where}, model {i}",
+            )
+    coefs = [w * r.scale for w, r in zip(weights, rules, strict=True)]  # δᵢ = coefsᵢ·τ'ᵢ
+
+    # (2) combine, chunk by chunk
+    dev = stack.device
+    if preset.consensus:
+        merge = _DisjointMerge(coefs, weights, normalize, dev)
+    else:
+        scale = lam / _normalize_divisor(weights, normalize, where)
+        c = torch.tensor([scale * x for x in coefs], dtype=torch.float32, device=dev)  # (k,)
+    out = torch.empty_like(base)  # (n,)
+    n = base.numel()
+    step = _chunk_columns(n, k, dev)
+    for s in range(0, n, step):
+        cols = stack[:, s : s + step]  # (k, c) view
+        if not sparse:
+            cols.sub_(base[s : s + step])  # τᵢ (dense TIES: consensus without trimming)
+        for i, rule in enumerate(rules):
+            rule.apply_(cols[i], s)
+        if preset.consensus:
+            torch.add(base[s : s + step], merge(cols), alpha=lam, out=out[s : s + step])
+        else:
+            torch.addmv(base[s : s + step], cols.T, c, out=out[s : s + step])  # θ_base + Σ (λ/D)·δᵢ
+    return out.view(shape)
+
+
+# Columns per chunk of step (2): k rows of float32 plus a few temporaries within ~8 MiB, i.e. in L2/L3 cache.
+_CHUNK_BYTES = 8 << 20
+
+
+def _chunk_columns(n: int, k: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(n, 1)  # accelerators prefer one large kernel per op
+    return max(1 << 14, _CHUNK_BYTES // (4 * (k + 4)))
+
+
+class _DisjointMerge:
+    """TIES' elect + disjoint merge of a chunk (k, c) of the τ'ᵢ, with δᵢ = coefsᵢ·τ'ᵢ.
+
+    Returns Δ (c,): Σ δᵢ over the entries agreeing with sign(Σ δᵢ), divided by Σ wᵢ over them when normalizing
+    (a divisor of 0 counts as 1). The chunk is destroyed.
+    """
+
+    def __init__(self, coefs: list[float], weights: list[float], normalize: bool, device: torch.device) -> None:
+        def vec(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        self.coefs = vec(coefs)  # (k,)
+        # Rows with a negative coefficient get their sign flipped so all coefficients are ≥ 0:
+        # cᵢτ'ᵢ = |cᵢ|·(sign(cᵢ)τ'ᵢ); then "agrees with the elected sign e" is just "τ''ᵢ·e > 0".
+        self.flip = [i for i, c in enumerate(coefs) if c < 0]
+        self.abs_coefs = vec([abs(c) for c in coefs])  # (k,)
+        self.weights = vec(weights) if normalize else None  # (k,)
+        positive = [w for w in weights if w > 0]
+        # With positive weights a zero divisor means no agreeing entry, hence Δ = 0 there and any positive
+        # divisor gives mergekit's result; clamping to the smallest weight is exact elsewhere (Σ ≥ min).
+        self.clamp_to = min(positive) if len(positive) == len(weights) else None
+
+    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
+        elected = torch.mv(stack.T, self.coefs)  # (c,) Σ δᵢ
+        elected.ge_(0).mul_(2).sub_(1)  # (c,) ±1 in place; sign ties (0) elect +
+        for i in self.flip:
+            stack[i].neg_()
+        stack.mul_(elected).clamp_(min=0.0)  # (k, c) |τ'ᵢ| where agreeing, else 0
+        delta = torch.mv(stack.T, self.abs_coefs).mul_(elected)  # (c,) Σ agreeing δᵢ
+        if self.weights is not None:
+            # A row with cᵢ = 0 has wᵢ = 0 (rescale factors are > 0), so its spurious "agreement" adds 0.
+            stack.sign_()  # (k, c) 1 where agreeing, else 0
+            divisor = torch.mv(stack.T, self.weights)  # (c,) Σ wᵢ over agreeing entries
+            if self.clamp_to is not None:
+                divisor.clamp_(min=self.clamp_to)
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
+            delta.div_(divisor)
+        return delta
+
+
+_MODEL_PARAMS = (
+    ParamSpec("weight", float, doc="weight wᵢ of the model's task vector (required)"),
+    ParamSpec("density", float, 1.0, low=0.0, high=1.0, low_open=True, doc="fraction of τᵢ kept"),
+)
+_GAMMA = ParamSpec("gamma", float, 0.01, low=0.0, high=1.0, doc="breadcrumbs: fraction of largest |τ| dropped")
+_EPSILON = ParamSpec("epsilon", float, 0.15, low=0.0, high=1.0, high_open=True, doc="della: keep-probability spread")
+
+
+def _method(preset: Preset) -> MergeMethod:
+    model_params = _MODEL_PARAMS
+    if preset.sparsification == "magnitude_outliers":
+        model_params += (_GAMMA,)
+    if preset.sparsification == "della_magprune":
+        model_params += (_EPSILON,)
+    global_params: tuple[ParamSpec, ...] = (
+        ParamSpec("int8_mask", bool, False, doc="mergekit's mask dtype; no effect here"),
+        ParamSpec("normalize", bool, preset.default_normalize, doc="divide by the (agreeing) weight sum"),
+        ParamSpec("rescale", bool, preset.default_rescale, doc="rescale kept entries (L1 norm of τ)"),
+        ParamSpec("lambda", float, 1.0, doc="scale λ of the merged task vector"),
+    )
+    randomized = preset.sparsification in ("random", "della_magprune")
+    if preset.sparsification == "random":
+        global_params += (ParamSpec("rescale_by_density", bool, False, doc="rescale DARE survivors by 1/density"),)
+    linear = None
+    if preset.sparsification is None and not preset.consensus:
+        linear = partial(coefficients, default_normalize=preset.default_normalize, method=preset.name)
+    return MergeMethod(
+        name=preset.name,
+        fn=partial(merge_task_vectors, preset=preset),
+        base="required",
+        model_params=model_params,
+        global_params=global_params,
+        min_models=1,
+        randomized=randomized,
+        reference=preset.reference,
+        linear_coefficients=linear,
+        doc=__doc__ or "",
+    )
+
+
+METHODS: tuple[MergeMethod, ...] = tuple(_method(p) for p in PRESETS)
