@@ -9,7 +9,7 @@ Order of work, with three threads so reading, computing and writing overlap:
    uses it: added into a float32 accumulator for linear methods (then dropped: k inputs never coexist), or
    copied into that output's ``(k, *shape)`` float32 stack for the others. When a name's last input has
    arrived, non-linear methods run on their stacks.
-3. **write** (background thread): each result is cast to its output dtype and handed to its sink.
+3. **write** (background thread): each result, cast to its output dtype, is handed to its sink.
 
 Any error or Ctrl-C aborts every sink, so no output folder is left behind.
 """
@@ -150,7 +150,8 @@ def run_plan(
     device: str | torch.device = "cpu",
     check_finite: bool = True,
     progress: bool | Callable[[int, int], None] = True,
-    prefetch_bytes: int = 512 << 20,
+    prefetch_bytes: int = 256 << 20,
+    threads: int | None = 1,
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -160,12 +161,20 @@ def run_plan(
         check_finite: raise :class:`NonFiniteError` on NaN/Inf in any input tensor.
         progress: show a rich progress bar (True), nothing (False), or call ``fn(bytes_done, bytes_total)``.
         prefetch_bytes: how many bytes of input may be read ahead of the computation.
+        threads: torch intra-op threads for the computation while the plan runs (restored afterwards); None
+            leaves torch's setting. The default of 1 is deliberate: reading and converting, computing, and
+            casting and writing already run in three threads, and methods work in cache-sized chunks whose
+            many small ops lose more to waking an OpenMP team than they gain from it (a TIES merge of one
+            32000x1024 tensor of 4 experts: 1.3 s with 1 thread, 12-30 s with 2 on a busy 2-core machine).
 
     Returns:
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
     """
     device = torch.device(device)
     tune_allocator()
+    saved_threads = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
     stats = StreamStats(outputs=len(plan.outputs))
     start = time.perf_counter()
     for out in plan.outputs:
@@ -174,7 +183,7 @@ def run_plan(
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, device.type == "cpu"), daemon=True)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, device.type == "cpu" and _all_linear(plan)), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     try:
@@ -186,8 +195,10 @@ def run_plan(
                     result = _finish(job, out_state, plan)
                     if check_finite and out_state.coefficients is not None:
                         _check_linear_result(plan, job, out_state, result)
-                    dtype = plan.output_dtype(out_state.spec, job)
-                    write_q.put((out_state.spec.sink, job.name, result, dtype))
+                    # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
+                    result = result.to(plan.output_dtype(out_state.spec, job))
+                    write_q.put((out_state.spec.sink, job.name, result))
+                    del result
                     if errors:
                         raise errors[0]
                 stats.tensors += 1
@@ -204,10 +215,15 @@ def run_plan(
             out.sink.abort()
         raise
     finally:
+        torch.set_num_threads(saved_threads)
         for src in plan.sources:
             src.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _all_linear(plan: MergePlan) -> bool:
+    return all(out.method.linear_coefficients is not None for out in plan.outputs)
 
 
 def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, to_float32: bool) -> None:
@@ -217,7 +233,8 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, to_floa
                 t = plan.sources[src].read(job.name)
                 read_bytes = t.numel() * t.element_size()
                 if to_float32 and t.is_floating_point():
-                    # converting here, beside the computation, uses the second core
+                    # converting here, beside the accumulation, uses the second core; stacked methods
+                    # convert while copying into their stack instead, so no float32 copy waits in the queue
                     t = t.to(torch.float32)
                 nbytes = t.numel() * t.element_size()
                 if not budget.acquire(nbytes):
@@ -235,9 +252,9 @@ def _write_all(write_q: queue.Queue, errors: list[BaseException]) -> None:
             return
         if errors:
             continue  # keep draining so the producer never blocks
-        sink, name, tensor, dtype = item
+        sink, name, tensor = item
         try:
-            sink.write(name, tensor.to(dtype))
+            sink.write(name, tensor)
         except BaseException as exc:
             errors.append(exc)
 
@@ -285,17 +302,17 @@ def _consume(
         job = plan.jobs[j]
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
-        # one float32 copy shared by every output: mixed-dtype in-place ops are several times slower
         x = t.to(device, non_blocking=True)
-        if x.is_floating_point():
-            x = x.to(torch.float32)
-        stacked = False
+        xf: torch.Tensor | None = x if x.dtype == torch.float32 or not x.is_floating_point() else None
         for st in states:
-            stacked |= _fold(st, job, src, x)
-        if check_finite and stacked:
-            # linear outputs are checked once on their result instead (see _finish)
-            _check_finite(plan.labels[src], job.name, x)
-        del x, t
+            # one float32 copy shared by the linear outputs: mixed-dtype in-place adds are several times slower
+            if xf is None and st.coefficients is not None and src in st.coefficients:
+                xf = x.to(torch.float32)
+            placed = _fold(st, job, src, x, xf)
+            if check_finite and placed is not None:
+                # stacked inputs are checked where they landed; linear outputs once on their result (_finish)
+                _check_finite(plan.labels[src], job.name, placed)
+        del x, xf, t
         budget.release(nbytes)
         stats.bytes_read += read_bytes
         bar.advance(read_bytes)
@@ -306,36 +323,39 @@ def _consume(
             current, states = None, []
 
 
-def _fold(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> bool:
-    """Fold one float32 input into an output's state: accumulate it, or place it in the stack.
+def _fold(
+    st: _OutputState, job: TensorJob, src: int, x: torch.Tensor, xf: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Fold one input into an output's state: add ``xf`` (its float32 copy) to the accumulator of a linear
+    method, or convert ``x`` straight into its slot of a stacked method's ``(k, *shape)`` float32 stack.
 
-    Returns True when the input went into a stack (or became the base) of a non-linear method.
+    Returns the float32 tensor the input became in a stack or base (to be checked for NaN/Inf), else None.
     """
     spec = st.spec
     if not job.dtype.is_floating_point:
         if src == spec.reference:
             st.acc = x
-        return False
+        return None
     if st.coefficients is not None:
         c = st.coefficients.get(src)
         if c is not None:
+            assert xf is not None
             if st.acc is None:
-                st.acc = x * c  # (*shape) float32; the first term initialises it, no zero fill
+                st.acc = xf * c  # (*shape) float32; the first term initialises it, no zero fill
             else:
-                st.acc.add_(x, alpha=c)
-        return False
-    used = False
+                st.acc.add_(xf, alpha=c)
+        return None
+    placed = None
     if src == spec.base:
-        st.base = x
-        used = True
+        st.base = placed = xf if xf is not None else x.to(torch.float32)
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:
             st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
         for p in positions:
-            st.stack[p].copy_(x)
-        used = True
-    return used
+            st.stack[p].copy_(x)  # converts while copying: no float32 temporary
+        placed = st.stack[positions[0]]
+    return placed
 
 
 def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, result: torch.Tensor) -> None:
