@@ -1,0 +1,194 @@
+"""PMA speed and memory: averaging 10 checkpoints of a ~268M-parameter bf16 Llama run (issue #5).
+
+Every contender runs as a whole process (import, discover, plan, stream, write), timed with its peak RSS, on a
+warm page cache (the checkpoints are read once beforehand):
+
+- ``read10+write1``: the floor: read every tensor of the 10 checkpoints once and write one model;
+- ``pma sma N=10`` / ``N=3``: ``mergescale pma RUN -o OUT --window N`` (RSS must not grow with N);
+- ``pma sweep 9``: ``--sweep strategy=sma,ema,wma window=3,6,10`` (9 models from one read);
+- ``naive loop``: ``safetensors.load_file`` every checkpoint, average in float32, ``save_file``;
+- ``mergekit linear``: ``mergekit-yaml`` over the same 10 (when installed; ``--no-mergekit`` to skip).
+
+    nice -n 10 python benchmarks/pma_speed.py                  # 3 repeats, medians
+    nice -n 10 python benchmarks/pma_speed.py --repeats 1 --no-mergekit --no-naive
+
+Acceptance (issue #5): one SMA of 10 ≤ 2 × (read10+write1), peak RSS ≤ 1.5 GB and not growing with N.
+The checkpoints are generated once into ``.bench/pma/`` (git-ignored), each the previous one plus noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import BENCH_DIR, llama_config, machine, median, run_process, write_random_llama  # noqa: E402
+
+STEP = 1000
+
+
+def build_run(root: Path, n: int, layers: int) -> list[Path]:
+    """``root/checkpoint-1000`` … ``checkpoint-<n·1000>``: a random bf16 Llama, then each the previous + noise."""
+    config = llama_config(layers=layers)
+    folders: list[Path] = []
+    for i in range(n):
+        base = folders[-1] if folders else None
+        folders.append(
+            write_random_llama(root / f"checkpoint-{STEP * (i + 1)}", config, seed=i, base=base, noise=0.002)
+        )
+    return folders
+
+
+def read_all(folders: list[Path]) -> float:
+    from mergescale.io.checkpoint import open_checkpoint
+
+    t = time.perf_counter()
+    for f in folders:
+        src = open_checkpoint(f)
+        for name in src.info():
+            src.read(name)
+        src.close()
+    return time.perf_counter() - t
+
+
+# -- the in-process contenders, run as `python pma_speed.py --case NAME RUN OUT` ------------------------------
+
+
+def case_read_write(run: Path, out: Path) -> None:
+    """Read every tensor of every checkpoint once, and write one model (the newest's tensors) via our writer."""
+    from mergescale.io.checkpoint import open_checkpoint
+    from mergescale.io.writer import ModelFolderSink
+
+    folders = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    sources = [open_checkpoint(f) for f in folders]
+    names = list(sources[-1].info())
+    info = sources[-1].info()
+    sink = ModelFolderSink(out, config=sources[-1].config)
+    sink.begin([(n, info[n].shape, info[n].dtype) for n in names])
+    for name in names:
+        t = None
+        for src in sources:
+            t = src.read(name)
+            t.view(-1)[0].item()  # touch it
+        sink.write(name, t)
+    sink.commit()
+
+
+def case_naive(run: Path, out: Path) -> None:
+    """The hand-written loop: load every checkpoint at once, average in float32, save."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folders = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    states = []
+    for f in folders:
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(f.glob("*.safetensors")):
+            sd.update(load_file(shard))
+        states.append(sd)
+    avg = {k: (sum(s[k].float() for s in states) / len(states)).to(states[-1][k].dtype) for k in states[-1]}
+    out.mkdir(parents=True)
+    save_file(avg, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(folders[-1] / "config.json", out / "config.json")
+
+
+def mergekit_config(path: Path, folders: list[Path]) -> Path:
+    import yaml
+
+    cfg = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in folders],
+           "dtype": "bfloat16"}  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=["readwrite", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoints", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--cache", type=Path, default=BENCH_DIR / "pma")
+    ap.add_argument(
+        "--only", help="comma-separated substrings of contender names to run (the floor always runs)"
+    )
+    args = ap.parse_args()
+    if args.case == "readwrite":
+        return case_read_write(*args.paths)
+    if args.case == "naive":
+        return case_naive(*args.paths)
+
+    run = args.cache / f"run-{args.layers}l"
+    folders = build_run(run, args.checkpoints, args.layers)
+    size = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+    read_all(folders)  # warm the page cache
+    read_s = median([read_all(folders) for _ in range(args.repeats)])
+    me = [sys.executable, str(Path(__file__).resolve())]
+    n = args.checkpoints
+    contenders: dict[str, list[str]] = {
+        "read10+write1": [*me, "--case", "readwrite", str(run), "{out}"],
+        f"pma sma N={n}": ["mergescale", "pma", str(run), "-o", "{out}", "--window", str(n), "-q"],
+        "pma sma N=3": ["mergescale", "pma", str(run), "-o", "{out}", "--window", "3", "-q"],
+        "pma sweep 9": ["mergescale", "pma", str(run), "-o", "{out}", "--sweep", "strategy=sma,ema,wma",
+                        f"window=3,{min(6, n)},{n}", "-q"],
+    }  # fmt: skip
+    if not args.no_naive:
+        contenders["naive loop"] = [*me, "--case", "naive", str(run), "{out}"]
+    if not args.no_mergekit and importlib.util.find_spec("mergekit") is not None:
+        cfg = mergekit_config(args.cache / "linear.yaml", folders)
+        contenders["mergekit linear"] = ["mergekit-yaml", str(cfg), "{out}", "--quiet"]
+
+    if args.only:
+        keep = args.only.split(",")
+        contenders = {
+            k: v for k, v in contenders.items() if k == "read10+write1" or any(x in k for x in keep)
+        }
+    print(f"machine: {machine()}")
+    print(f"run: {n} checkpoints x {size / n / 1e9:.2f} GB bf16 ({args.layers} layers), {size / 1e9:.2f} GB")
+    print(f"read all checkpoints once (in-process, warm cache): {read_s:.2f} s", flush=True)
+    work = args.cache / "work"
+    results = {}
+    for label, cmd in contenders.items():
+        runs = []
+        for _ in range(args.repeats):
+            shutil.rmtree(work, ignore_errors=True)
+            r = run_process([c.replace("{out}", str(work / "out")) for c in cmd])
+            if r.returncode != 0:
+                raise SystemExit(f"{label} failed:\n{r.output}")
+            runs.append(r)
+        shutil.rmtree(work, ignore_errors=True)
+        results[label] = {"seconds": median([r.seconds for r in runs]), "peak_rss_gb": max(r.peak_rss_gb for r in runs),
+                          "all_seconds": [round(r.seconds, 3) for r in runs]}  # fmt: skip
+        print(
+            f"  {label}: {results[label]['seconds']:.2f} s, {results[label]['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
+
+    floor = results["read10+write1"]["seconds"]
+    sma = results.get(f"pma sma N={n}")
+    print()
+    print("| contender | wall s (median) | peak RSS GB | × read10+write1 |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['seconds']:.2f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / floor:.2f} |")
+    if sma is not None and "pma sma N=3" in results:
+        ok_time = sma["seconds"] <= 2 * floor
+        ok_rss = sma["peak_rss_gb"] <= 1.5
+        print(
+            f"\nacceptance: SMA of {n} = {sma['seconds'] / floor:.2f} x floor (<= 2: {'ok' if ok_time else 'MISSED'}), "
+            f"peak RSS {sma['peak_rss_gb']:.2f} GB (<= 1.5: {'ok' if ok_rss else 'MISSED'}; "
+            f"N=3: {results['pma sma N=3']['peak_rss_gb']:.2f} GB)"
+        )
+    out = {"machine": machine(), "checkpoints": n, "bytes": size, "read_all_s": read_s, "results": results}
+    (args.cache / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

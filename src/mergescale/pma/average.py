@@ -1,0 +1,427 @@
+"""Offline checkpoint averaging: one average, or a sweep of many from one read of the checkpoints.
+
+A weighted average M = Σᵢ wᵢ·Mᵢ is the engine's ``linear`` method with ``normalize: False`` and the strategy's
+weights, so it streams exactly like ``mergescale merge``: one tensor name at a time, each checkpoint's tensor
+added into a float32 accumulator and dropped (two checkpoints are never in memory), written as sharded
+safetensors into a temporary folder renamed into place at the end. A sweep is one plan with several outputs:
+each checkpoint tensor is read once and added into every average whose window holds that checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergescale import __version__
+from mergescale.config import parse_dtype
+from mergescale.engine.plan import OutputSpec, build_plan
+from mergescale.engine.stream import StreamStats, run_plan
+from mergescale.errors import ConfigError, NonFiniteError, OutputError, TensorMismatchError
+from mergescale.io.checkpoint import open_checkpoint
+from mergescale.io.discover import CheckpointRef, RunInfo, checkpoints_from_paths, discover_run
+from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, ModelFolderSink, check_output_folder
+from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
+from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
+from mergescale.pma.window import parse_interval, select_window
+
+
+@dataclass(frozen=True)
+class PMASettings:
+    """What to average: a strategy and a window (see :func:`average_checkpoints` for the fields)."""
+
+    strategy: str = "sma"
+    window: int | None = None
+    interval: str | int | None = None
+    end: int | None = None
+    alpha: float = DEFAULT_ALPHA
+    weights: tuple[float, ...] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "custom" if self.weights is not None else self.strategy
+
+    def label(self, n: int) -> str:
+        """A folder name for these settings over ``n`` checkpoints, e.g. ``ema0.2-N6-V2B-end6000``."""
+        name = self.kind + (f"{self.alpha:g}" if self.kind == "ema" else "") + f"-N{n}"
+        if self.interval is not None and str(self.interval) not in ("0", ""):
+            name += f"-V{str(self.interval).replace(' ', '')}"
+        if self.end is not None:
+            name += f"-end{self.end}"
+        return name
+
+
+@dataclass
+class PMAResult:
+    """One average: which checkpoints, with which weights, where it went and what it cost.
+
+    ``stats`` is None for a dry run, and shared by every result of a sweep (one read produced them all).
+    """
+
+    settings: PMASettings
+    checkpoints: list[CheckpointRef]
+    weights: list[float]
+    record: PMARecord
+    out_dir: Path | None = None
+    stats: StreamStats | None = None
+
+    @property
+    def steps(self) -> list[int | None]:
+        return [c.step for c in self.checkpoints]
+
+    @property
+    def tokens(self) -> list[int | None]:
+        return [c.tokens for c in self.checkpoints]
+
+    @property
+    def label(self) -> str:
+        return self.record.label
+
+
+@dataclass
+class _Planned:
+    result: PMAResult
+    sink_dir: Path
+
+
+def load_run(
+    run_dir: str | Path | None,
+    checkpoints: Sequence[str | Path] | None = None,
+    *,
+    tokens_per_step: int | None = None,
+) -> RunInfo:
+    """The run's checkpoints: discovered in ``run_dir``, or the explicit ``checkpoints`` list."""
+    if checkpoints:
+        return checkpoints_from_paths(list(checkpoints), tokens_per_step=tokens_per_step)
+    if run_dir is None:
+        raise ConfigError("give a run folder or an explicit list of checkpoints")
+    return discover_run(run_dir, tokens_per_step=tokens_per_step)
+
+
+def choose(info: RunInfo, settings: PMASettings, *, dtype: torch.dtype | None = None) -> PMAResult:
+    """Select the window and compute the weights (nothing is read or written)."""
+    chosen = select_window(
+        info.checkpoints, window=settings.window, interval=settings.interval, end=settings.end
+    )
+    weights = strategy_weights(settings.strategy, len(chosen), alpha=settings.alpha, weights=settings.weights)
+    interval = parse_interval(settings.interval)
+    record = PMARecord(
+        mergescale_version=__version__,
+        label=settings.label(len(chosen)),
+        strategy=settings.kind,
+        alpha=settings.alpha if settings.kind == "ema" else None,
+        window=len(chosen),
+        interval=None if interval is None else str(settings.interval),
+        end=settings.end,
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        raw_weights=list(settings.weights) if settings.weights is not None else None,
+        checkpoints=[
+            AveragedCheckpoint(
+                name=c.name, path=str(c.path.resolve()), step=c.step, tokens=c.tokens, weight=w
+            )
+            for c, w in zip(chosen, weights, strict=True)
+        ],
+    )
+    return PMAResult(settings=settings, checkpoints=chosen, weights=weights, record=record)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    return dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype, key="--dtype")
+
+
+def average_checkpoints(
+    run_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    strategy: str = "sma",
+    window: int | None = None,
+    interval: str | int | None = None,
+    end: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+    checkpoints: Sequence[str | Path] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    tokens_per_step: int | None = None,
+    max_shard_size: int | str = "5GB",
+) -> PMAResult:
+    """Average checkpoints of a pre-training run into a Hugging Face folder at ``out_dir``.
+
+    The window: the ``window`` (N) newest checkpoints at or before step ``end`` (default the newest) that lie at
+    least ``interval`` (V: steps as a number, tokens with a suffix such as ``"2B"``) apart; every checkpoint
+    the rules allow when ``window`` is None. The weights over M₁ … M_N, oldest first (Li et al. 2025,
+    https://arxiv.org/abs/2505.12082):
+
+    - ``sma``: wᵢ = 1/N;
+    - ``ema``: A₁ = M₁, Aᵢ = α·Mᵢ + (1 − α)·Aᵢ₋₁, i.e. w₁ = (1 − α)^(N−1), wᵢ = α(1 − α)^(N−i);
+    - ``wma``: wᵢ = i / Σⱼ j;
+    - ``weights``: given weights divided by their sum (strategy ``custom``).
+
+    Streams through the merge engine (float32 accumulation, one tensor at a time); the output keeps the input
+    dtype unless ``dtype``, takes ``config.json`` and tokenizer files from the newest checkpoint, and holds
+    ``pma.json`` (:class:`PMARecord`). ``dry_run`` only selects and weighs: nothing is read or written.
+
+    Raises:
+        ConfigError: bad window, interval, alpha or weights; too few checkpoints.
+        InputModelError, TensorMismatchError: unreadable checkpoint; tensor names or shapes that differ.
+        NonFiniteError: a NaN or Inf in any averaged checkpoint.
+        OutputError: ``out_dir`` is not empty (without ``overwrite``).
+        Nothing is written to ``out_dir`` on any error.
+    """
+    settings = PMASettings(
+        strategy=strategy,
+        window=window,
+        interval=interval,
+        end=end,
+        alpha=alpha,
+        weights=tuple(float(w) for w in weights) if weights is not None else None,
+    )
+    out_dtype = _dtype(dtype)
+    info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
+    result = choose(info, settings, dtype=out_dtype)
+    out = Path(out_dir)
+    if dry_run:
+        return result
+    check_output_folder(out, overwrite=overwrite)
+    planned = [_Planned(result, out)]
+    _stream(
+        info,
+        planned,
+        out_dtype,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        max_shard_size=max_shard_size,
+    )
+    return result
+
+
+SWEEP_KEYS = ("strategy", "window", "interval", "end", "alpha")
+
+
+def parse_sweep(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["strategy=sma,ema", "window=3,6"]`` -> ``{"strategy": ["sma", "ema"], "window": [3, 6]}``."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise ConfigError(f"sweep axis {spec!r} is not KEY=V1,V2,... (keys: {', '.join(SWEEP_KEYS)})")
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"cannot sweep {key!r}; sweepable: {', '.join(SWEEP_KEYS)}")
+        if key in grid:
+            raise ConfigError(f"sweep axis {key!r} given twice")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        try:
+            if key in ("window", "end"):
+                grid[key] = [int(v) for v in items]
+            elif key == "alpha":
+                grid[key] = [float(v) for v in items]
+            else:
+                grid[key] = items
+        except ValueError:
+            raise ConfigError(f"sweep axis {key!r}: {values!r} are not all numbers") from None
+    return grid
+
+
+def sweep_settings(base: PMASettings, grid: Mapping[str, Sequence[Any]]) -> list[PMASettings]:
+    """Every combination of the grid's values over ``base`` (the cartesian product, in axis order)."""
+    keys = list(grid)
+    return [
+        replace(base, **dict(zip(keys, combo, strict=True))) for combo in itertools.product(*grid.values())
+    ]
+
+
+def sweep_checkpoints(
+    run_dir: str | Path | None,
+    out_dir: str | Path,
+    grid: Mapping[str, Sequence[Any]],
+    *,
+    strategy: str = "sma",
+    window: int | None = None,
+    interval: str | int | None = None,
+    end: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    checkpoints: Sequence[str | Path] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    tokens_per_step: int | None = None,
+    max_shard_size: int | str = "5GB",
+) -> list[PMAResult]:
+    """Many averages from ONE read of the checkpoints: every combination of ``grid`` (e.g.
+    ``{"strategy": ["sma", "ema", "wma"], "window": [3, 6, 10]}``) over the other settings, each written to
+    ``out_dir/<label>/`` (e.g. ``ema0.2-N6``) with its ``pma.json``, plus ``out_dir/sweep.json`` listing them.
+
+    Each tensor of each checkpoint in the union of the windows is read once and added into every average
+    that uses it. Errors are raised before anything is written, as for :func:`average_checkpoints`; identical
+    combinations (e.g. ``alpha`` swept with ``sma``) are written once.
+    """
+    base = PMASettings(strategy=strategy, window=window, interval=interval, end=end, alpha=alpha)
+    out_dtype = _dtype(dtype)
+    info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
+    results: dict[str, PMAResult] = {}
+    for settings in sweep_settings(base, grid):
+        if settings.kind != "ema":
+            settings = replace(settings, alpha=DEFAULT_ALPHA)  # alpha means nothing here: do not duplicate
+        result = choose(info, settings, dtype=out_dtype)
+        results.setdefault(result.label, result)
+    out = Path(out_dir)
+    if dry_run:
+        return list(results.values())
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder")
+    planned = [_Planned(r, out / label) for label, r in results.items()]
+    for p in planned:
+        check_output_folder(p.sink_dir, overwrite=overwrite)
+    if (out / SWEEP_JSON).exists() and not overwrite:
+        raise OutputError(f"{out / SWEEP_JSON} exists (use --overwrite to replace it)")
+    created = not out.exists()
+    try:
+        read = _stream(
+            info, planned, out_dtype, device=device, overwrite=overwrite, progress=progress,
+            max_shard_size=max_shard_size,
+        )  # fmt: skip
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the sinks made it for their temporaries; leave no trace of a failed sweep
+        raise
+    record = SweepRecord(
+        mergescale_version=__version__,
+        checkpoints_read=[str(c.path) for c in read],
+        outputs={label: r.record for label, r in results.items()},
+    )
+    _write_atomic(out / SWEEP_JSON, record.to_json())
+    return list(results.values())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _files_folder(ref: CheckpointRef, root: Path | None) -> Path:
+    """Where the newest checkpoint's config and tokenizer files are: its weights folder, step folder or run."""
+    for folder in (ref.path, ref.folder, root):
+        if folder is not None and any((folder / f).is_file() for f in ("config.json", *TOKENIZER_FILES)):
+            return folder
+    return ref.path
+
+
+def _stream(
+    info: RunInfo,
+    planned: Sequence[_Planned],
+    dtype: torch.dtype | None,
+    *,
+    device: str,
+    overwrite: bool,
+    progress: bool,
+    max_shard_size: int | str,
+) -> list[CheckpointRef]:
+    """Read the union of the planned windows once and write every average; returns the checkpoints read.
+
+    Each average is one output of the plan using the engine's ``linear`` method, accumulated input by input
+    (one float32 accumulator per average for the tensor in flight).
+    """
+    from mergescale.methods import get_method  # registers the methods on first use
+
+    union: dict[Path, CheckpointRef] = {}
+    for p in planned:
+        for c in p.result.checkpoints:
+            union.setdefault(c.path, c)
+    refs = sorted(union.values(), key=lambda c: info.checkpoints.index(c))
+    index = {c.path: i for i, c in enumerate(refs)}
+    sources = [open_checkpoint(c.path) for c in refs]
+    labels = [c.label for c in refs]
+    sinks = []
+    for p in planned:
+        newest = p.result.checkpoints[-1]
+        files = _files_folder(newest, info.root)
+        has_files = any((files / f).is_file() for f in (*TOKENIZER_FILES, GENERATION_CONFIG))
+        sinks.append(
+            ModelFolderSink(
+                p.sink_dir,
+                config=sources[index[newest.path]].config,
+                copy_from=files if has_files else None,
+                extra_files={PMA_JSON: p.result.record.to_json()},
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+            )
+        )
+    linear = get_method("linear")
+    outputs = [
+        OutputSpec(
+            label=p.result.label,
+            method=linear,
+            models=[index[c.path] for c in p.result.checkpoints],
+            base=None,
+            model_params=[{"weight": w} for w in p.result.weights],
+            params={"normalize": False},
+            sink=sink,
+            dtype=dtype,
+        )
+        for p, sink in zip(planned, sinks, strict=True)
+    ]
+    check_same_tensors(sources, labels)
+    plan = build_plan(sources, labels, outputs)
+    try:
+        stats = run_plan(plan, device=device, check_finite=True, progress=progress)
+    except NonFiniteError as exc:
+        # never average a spiked checkpoint; the engine's hint (--allow-nonfinite) does not apply here
+        message = str(exc).split(" (pass --allow-nonfinite")[0]
+        raise NonFiniteError(
+            f"{message}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
+            f"or see `mergescale pma recover`"
+        ) from None
+    for p in planned:
+        p.result.out_dir = p.sink_dir
+        p.result.stats = stats
+    return refs
+
+
+def check_same_tensors(sources: Sequence[Any], labels: Sequence[str]) -> None:
+    """All checkpoints of a run must hold the same tensor names and shapes; blame the odd one out.
+
+    The engine compares every input with the first, so a bad *first* checkpoint would look like all the
+    others being wrong; here the layout most checkpoints share (the newest's on a tie) is the reference.
+    """
+    layouts = [{n: tuple(i.shape) for n, i in src.info().items()} for src in sources]
+    keys = [tuple(sorted(lay.items())) for lay in layouts]
+    counts = Counter(keys)
+    ref = max(range(len(keys) - 1, -1, -1), key=lambda i: counts[keys[i]])  # ties: the newest
+    for i, lay in enumerate(layouts):
+        if keys[i] == keys[ref]:
+            continue
+        others = f"{counts[keys[ref]]} other checkpoint{'s' if counts[keys[ref]] > 1 else ''}"
+        missing = sorted(set(layouts[ref]) - set(lay))
+        if missing:
+            raise TensorMismatchError(f"{labels[i]} is missing tensor {missing[0]!r} that {others} have")
+        extra = sorted(set(lay) - set(layouts[ref]))
+        if extra:
+            raise TensorMismatchError(f"{labels[i]} has tensor {extra[0]!r} that {others} lack")
+        name = next(n for n in lay if lay[n] != layouts[ref][n])
+        raise TensorMismatchError(
+            f"{labels[i]}: tensor {name!r} has shape {lay[name]} but {layouts[ref][name]} in {others}"
+        )
+
+
+def read_record(folder: str | Path) -> PMARecord:
+    """The ``pma.json`` of an averaged model folder."""
+    path = Path(folder) / PMA_JSON
+    try:
+        return PMARecord.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a valid pma.json ({exc})") from None

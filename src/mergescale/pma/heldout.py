@@ -1,0 +1,148 @@
+"""Loss of a model folder on held-out text, to compare a recovery average with a rollback checkpoint.
+
+The loss is the mean next-token negative log-likelihood over every predicted token of every document
+(documents truncated to ``max_length`` tokens), i.e. log-perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergescale.errors import InputModelError, TaskError
+from mergescale.io.checkpoint import open_checkpoint
+from mergescale.io.writer import TOKENIZER_FILES
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Documents of an evaluation file: JSON Lines with a ``text`` field (or a JSON string per line), or plain
+    text with one document per non-empty line."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_text()
+    except OSError as exc:
+        raise TaskError(f"eval data {path}: cannot read ({exc})") from None
+    texts: list[str] = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"eval data {path}: line {line_no}: not valid JSON ({exc})") from None
+            text = row.get("text") if isinstance(row, dict) else row
+            if not isinstance(text, str):
+                raise TaskError(f"eval data {path}: line {line_no}: expected a 'text' string")
+            texts.append(text)
+        else:
+            texts.append(line)
+    if not texts:
+        raise TaskError(f"eval data {path}: no documents")
+    return texts
+
+
+def find_tokenizer_folder(candidates: Sequence[Path | None]) -> Path:
+    """The first folder holding tokenizer files."""
+    for folder in candidates:
+        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return folder
+    names = ", ".join(str(c) for c in candidates if c is not None)
+    raise InputModelError(f"no tokenizer files in {names}; the held-out loss needs a tokenizer")
+
+
+def load_causal_lm(folder: str | Path, config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A causal LM in float32 for evaluation, from a Hugging Face folder or any checkpoint mergescale reads
+    (a DCP folder needs a ``config.json`` beside it, or ``config``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if config is None and (folder / "config.json").is_file() and not (folder / ".metadata").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    source = open_checkpoint(folder)
+    try:
+        cfg_dict = dict(config or source.config or {})
+        if "model_type" not in cfg_dict:
+            raise InputModelError(
+                f"{folder}: no config.json with a model_type; cannot build a model to evaluate"
+            )
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg_dict)).float()
+        result = model.load_state_dict({n: source.read(n) for n in source.info()}, strict=False)
+    finally:
+        source.close()
+    missing = [n for n in result.missing_keys if not _tied(model, n)]
+    if missing:
+        raise InputModelError(f"{folder}: no weights for {missing[0]!r} ({len(missing)} missing)")
+    return model.eval()
+
+
+def _tied(model: torch.nn.Module, name: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (
+        out is not None and inp is not None and out.weight is inp.weight and name.endswith("lm_head.weight")
+    )
+
+
+@torch.no_grad()
+def text_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token NLL (nats per token) of ``model`` over ``texts``."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [ids for ids in encoded if len(ids) >= 2]
+    if not encoded:
+        raise TaskError("eval data: every document is shorter than two tokens")
+    encoded.sort(key=len)  # similar lengths together: less padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device)
+        ).logits.float()  # (B, T, V)
+        targets = input_ids[:, 1:].to(device)  # (B, T-1)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view_as(targets)  # (B, T-1)
+        keep = mask[:, 1:].to(device).bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    loss = total / count
+    if not math.isfinite(loss):
+        return math.inf
+    return loss
+
+
+def folder_loss(
+    folder: str | Path,
+    texts: Sequence[str],
+    *,
+    tokenizer_folder: Path,
+    config: dict[str, Any] | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """:func:`text_loss` of the model in ``folder`` with the tokenizer of ``tokenizer_folder``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    model = load_causal_lm(folder, config)
+    return text_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)

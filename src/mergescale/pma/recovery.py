@@ -1,0 +1,168 @@
+"""``mergescale pma recover``: find loss spikes, and for the first one the run never recovered from, average
+the K checkpoints before it (the paper's recovery) and name the alternative, rolling back to the newest of them.
+
+Li et al. (2025, https://arxiv.org/abs/2505.12082) resume a collapsed run from the average of the checkpoints
+saved before the collapse; they do not compare against a plain rollback, so we report both, and with held-out
+text the loss of both, and let the user choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergescale.errors import ConfigError, InputModelError
+from mergescale.io.checkpoint import resolve_model_path
+from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
+from mergescale.io.writer import check_output_folder
+from mergescale.pma.average import PMAResult, PMASettings, _dtype, _Planned, _stream, choose
+from mergescale.pma.spikes import Spike, SpikeRule, checkpoints_before, detect_spikes, first_unrecovered
+from mergescale.pma.weights import DEFAULT_ALPHA
+
+
+@dataclass
+class RecoveryResult:
+    """What the recovery found and did.
+
+    Attributes:
+        spikes: every spike detected (up to the first unrecovered one).
+        spike: the first unrecovered spike, or None when the run recovered from every spike.
+        averaged: the average of the K checkpoints before it (None when there is nothing to recover).
+        rollback: the newest checkpoint before the spike (the alternative).
+        eval_losses: held-out loss of ``"average"`` and ``"rollback"`` when eval data was given.
+        loss_log: the loss log used, and where it came from.
+    """
+
+    spikes: list[Spike]
+    spike: Spike | None
+    loss_log: list[LossPoint]
+    loss_log_source: Path | None
+    averaged: PMAResult | None = None
+    rollback: CheckpointRef | None = None
+    eval_losses: dict[str, float] | None = None
+
+    @property
+    def recommendation(self) -> str | None:
+        """``"average"`` or ``"rollback"`` (the lower held-out loss), when both were evaluated."""
+        if not self.eval_losses:
+            return None
+        return min(self.eval_losses, key=lambda k: self.eval_losses[k])  # type: ignore[index]
+
+
+def recover(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    k: int = 3,
+    loss_log: str | Path | None = None,
+    rule: SpikeRule | None = None,
+    strategy: str = "sma",
+    alpha: float = DEFAULT_ALPHA,
+    eval_data: str | Path | None = None,
+    eval_max_length: int = 512,
+    eval_batch_size: int = 8,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    tokens_per_step: int | None = None,
+) -> RecoveryResult:
+    """Detect spikes in a run's loss log and average the ``k`` checkpoints before the first unrecovered one.
+
+    The loss log is ``loss_log`` (a ``trainer_state.json``, CSV or JSONL with ``step`` and ``loss``), else the
+    run's newest ``trainer_state.json``. Spikes follow :class:`SpikeRule` (see :mod:`mergescale.pma.spikes`).
+    A checkpoint counts as before the spike when its weights fed a normal logged loss (its step is below the
+    last normal logged step). The average (``strategy``, default SMA as in the paper) goes to ``out_dir``;
+    nothing is written when every spike recovered. With ``eval_data`` (text or JSONL) the held-out loss of the
+    average and of the rollback checkpoint are computed (float32, on the CPU).
+
+    Raises:
+        InputModelError: no loss log; no checkpoint before the spike.
+        and everything :func:`~mergescale.pma.average.average_checkpoints` raises.
+    """
+    info = discover_run(run_dir, tokens_per_step=tokens_per_step)
+    if loss_log is not None:
+        log, source = read_loss_log(loss_log), Path(loss_log)
+    else:
+        log, source = info.loss_log, info.loss_log_source
+    if not log:
+        raise InputModelError(
+            f"{run_dir}: no loss log (no trainer_state.json with log_history); pass --loss-log FILE "
+            f"(CSV or JSONL with step and loss)"
+        )
+    spikes = detect_spikes([p.step for p in log], [p.loss for p in log], rule)
+    result = RecoveryResult(
+        spikes=spikes, spike=first_unrecovered(spikes), loss_log=log, loss_log_source=source
+    )
+    if result.spike is None:
+        return result
+    picked = checkpoints_before(info.steps, result.spike, k)
+    if not picked:
+        first = info.checkpoints[0].step
+        raise InputModelError(
+            f"the loss spikes at step {result.spike.step} (last normal loss at step "
+            f"{result.spike.last_good_step}), but the run has no checkpoint before it (first checkpoint at "
+            f"step {first})"
+        )
+    window = [info.checkpoints[i] for i in picked]
+    out_dtype = _dtype(dtype)
+    sub = RunInfo(root=info.root, checkpoints=window)
+    result.averaged = choose(sub, PMASettings(strategy=strategy, alpha=alpha), dtype=out_dtype)
+    result.rollback = window[-1]
+    if dry_run:
+        return result
+    out = Path(out_dir)
+    check_output_folder(out, overwrite=overwrite)
+    texts = None
+    if eval_data is not None:
+        from mergescale.pma.heldout import load_texts
+
+        texts = load_texts(eval_data)  # fail on bad eval data before the average is written
+    _stream(
+        sub,
+        [_Planned(result.averaged, out)],
+        out_dtype,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        max_shard_size="5GB",
+    )
+    if texts is not None:
+        result.eval_losses = _compare(out, result.rollback, info, texts, eval_max_length, eval_batch_size)
+    return result
+
+
+def _compare(
+    averaged: Path, rollback: CheckpointRef, info: RunInfo, texts: list[str], max_length: int, batch_size: int
+) -> dict[str, float]:
+    from mergescale.pma.heldout import find_tokenizer_folder, folder_loss
+
+    tokenizer = find_tokenizer_folder([averaged, rollback.path, rollback.folder, info.root])
+    config = None
+    if not (rollback.path / "config.json").is_file():
+        config = _config_of(averaged)
+    return {
+        "average": folder_loss(
+            averaged, texts, tokenizer_folder=tokenizer, max_length=max_length, batch_size=batch_size
+        ),
+        "rollback": folder_loss(
+            resolve_model_path(rollback.path),
+            texts,
+            tokenizer_folder=tokenizer,
+            config=config,
+            max_length=max_length,
+            batch_size=batch_size,
+        ),
+    }
+
+
+def _config_of(folder: Path) -> dict | None:
+    import json
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json; cannot evaluate the rollback checkpoint")
+    return json.loads(path.read_text())

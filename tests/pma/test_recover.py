@@ -1,0 +1,93 @@
+"""`mergescale pma recover`: spike found in the run's log, the K checkpoints before it averaged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pma_helpers import load_weights
+from typer.testing import CliRunner
+
+from mergescale.cli import app
+from mergescale.errors import InputModelError
+from mergescale.pma import recover
+
+runner = CliRunner()
+
+
+def falling(steps, collapse_at: int | None = None, bump_at: int | None = None) -> dict[int, float]:
+    """A smooth falling loss logged every 10 steps, with an optional collapse or a recovered bump."""
+    out = {}
+    for s in steps:
+        loss = 2.5 + 2.0 * math.exp(-s / 150) + 0.01 * math.sin(s)
+        if collapse_at is not None and s >= collapse_at:
+            loss = 8.0
+        if bump_at is not None and bump_at <= s < bump_at + 20:
+            loss += 2.0
+        out[s] = loss
+    return out
+
+
+LOG_STEPS = range(10, 610, 10)
+
+
+@pytest.fixture(scope="module")
+def collapsed_run(run_factory):
+    return run_factory("hf", losses=falling(LOG_STEPS, collapse_at=460))
+
+
+def test_recover_averages_the_k_checkpoints_before_the_collapse(collapsed_run, tmp_path):
+    texts = tmp_path / "heldout.txt"
+    texts.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 120}" for j in range(12)) for i in range(6)) + "\n")
+    res = recover(collapsed_run, tmp_path / "out", k=3, eval_data=texts, progress=False)
+    assert res.spike is not None and res.spike.step == 460 and res.spike.last_good_step == 450
+    assert res.averaged.steps == [200, 300, 400] and res.rollback.step == 400
+    got = load_weights(tmp_path / "out")
+    for name, t in got.items():
+        want = (
+            sum(load_weights(collapsed_run / f"checkpoint-{s}")[name].double() for s in (200, 300, 400)) / 3
+        )
+        assert (t.double() - want).abs().max() < 1e-6, name
+    assert set(res.eval_losses) == {"average", "rollback"}
+    assert all(math.isfinite(v) and v > 0 for v in res.eval_losses.values())
+    assert res.recommendation in ("average", "rollback")
+
+
+def test_recover_cli_reports_spikes_and_the_rollback(collapsed_run, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["pma", "recover", str(collapsed_run), "-o", str(out), "-k", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "460" in res.output and "no" in res.output
+    assert "roll back to" in res.output and "checkpoint-400" in res.output
+    assert (out / "pma.json").is_file()
+    dry = runner.invoke(app, ["pma", "recover", str(collapsed_run), "--dry-run"])
+    assert dry.exit_code == 0 and "dry run" in dry.output
+
+
+def test_a_recovered_run_writes_nothing(run_factory, tmp_path):
+    run = run_factory("hf", losses=falling(LOG_STEPS, bump_at=300))
+    res = recover(run, tmp_path / "out", progress=False)
+    assert len(res.spikes) == 1 and res.spikes[0].recovered and res.spike is None
+    assert res.averaged is None and not (tmp_path / "out").exists()
+
+
+def test_loss_log_file_and_dcp_run(run_factory, tmp_path):
+    run = run_factory("dcp")
+    log = tmp_path / "loss.csv"
+    log.write_text(
+        "step,loss\n" + "".join(f"{s},{v}\n" for s, v in falling(LOG_STEPS, collapse_at=560).items())
+    )
+    texts = tmp_path / "heldout.jsonl"
+    texts.write_text('{"text": "w1 w2 w3 w4 w5"}\n{"text": "w9 w8 w7 w6"}\n')
+    res = recover(run, tmp_path / "out", loss_log=log, k=2, eval_data=texts, progress=False)
+    assert res.averaged.steps == [400, 500] and res.rollback.kind == "dcp"
+    assert all(math.isfinite(v) for v in res.eval_losses.values())
+
+
+def test_no_loss_log_or_no_checkpoint_before(run_factory, tmp_path):
+    with pytest.raises(InputModelError, match="no loss log"):
+        recover(run_factory("hf"), tmp_path / "out", progress=False)
+    early = run_factory("hf", losses=falling(LOG_STEPS, collapse_at=90))
+    with pytest.raises(InputModelError, match="no checkpoint before it"):
+        recover(early, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
