@@ -1,0 +1,177 @@
+"""Load the model to evaluate (folder, Hub id or an object already in memory) and compute its identity.
+
+Identity hash (``ModelIdentity.hash``, 16 hex digits of SHA-256):
+
+* a folder: ``config.json``, the weight index (``*.index.json``) and, for every weight file, its name, size,
+  safetensors header (tensor names, dtypes, shapes, offsets) and the first and last 32 bytes of every tensor
+  (``.bin`` files: their last 64 KiB) — cheap to read at any model size, yet two merges of the same
+  architecture differ in it;
+* a model in memory: its config and every parameter's name, shape and dtype, plus its first and last 8 values
+  (so two merges of one architecture differ here too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergescale.errors import ConfigError, InputModelError
+from mergescale.evaluate.results import ModelIdentity
+
+_TAIL_BYTES = 64 * 1024
+_SAMPLE_BYTES = 32
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score, its tokenizer and identity."""
+
+    model: Any
+    tokenizer: Any
+    identity: ModelIdentity
+    in_memory: bool
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` ... -> torch dtype; None or "auto" -> None (keep)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; available: auto, {', '.join(_DTYPES)}") from None
+
+
+def load_model(
+    model: Any, *, tokenizer: Any | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None
+) -> LoadedModel:
+    """Load ``model`` (a folder, a Hub id, or a ``PreTrainedModel`` in memory) and its tokenizer.
+
+    A model in memory is used where it is, in its own dtype (``device`` and ``dtype`` apply to loaded
+    models only); its tokenizer is ``tokenizer`` or, failing that, loaded from ``model.name_or_path``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            source = getattr(model, "name_or_path", "") or ""
+            if not source or not Path(source).is_dir():
+                raise InputModelError(
+                    f"model in memory ({type(model).__name__}, name_or_path={source!r}): pass tokenizer=, "
+                    "its name_or_path is not a folder with a tokenizer"
+                )
+            tokenizer = _load_tokenizer(AutoTokenizer, source)
+        identity = ModelIdentity(
+            source="memory", name=getattr(model, "name_or_path", None) or None, hash=memory_hash(model)
+        )
+        return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, in_memory=True)
+
+    if not isinstance(model, str | Path):
+        raise InputModelError(
+            f"cannot evaluate a {type(model).__name__}: pass a folder, a Hub id or a PreTrainedModel"
+        )
+    path = Path(model)
+    torch_dtype = parse_dtype(dtype)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+        identity = ModelIdentity(
+            source="folder", path=str(path.resolve()), name=path.name, hash=folder_hash(path)
+        )
+        source = str(path)
+    else:
+        identity = ModelIdentity(source="hub", path=str(model), name=str(model), hash="")
+        source = str(model)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype if torch_dtype is not None else "auto"
+        )
+    except Exception as exc:  # transformers raises OSError/ValueError/... with long messages
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputModelError(f"{source}: cannot load the model: {first}") from None
+    loaded.to(device)
+    loaded.eval()
+    if identity.source == "hub":
+        identity = identity.model_copy(update={"hash": memory_hash(loaded)})
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(AutoTokenizer, source)
+    return LoadedModel(model=loaded, tokenizer=tokenizer, identity=identity, in_memory=False)
+
+
+def _load_tokenizer(auto: Any, source: str) -> Any:
+    try:
+        return auto.from_pretrained(source)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputModelError(f"{source}: cannot load the tokenizer: {first}") from None
+
+
+def folder_hash(path: Path) -> str:
+    """Hash of a model folder's config, weight index and weight files (safetensors: header plus the first and
+    last 32 bytes of every tensor; other formats: size and last 64 KiB)."""
+    digest = hashlib.sha256()
+    digest.update((path / "config.json").read_bytes())
+    for index in sorted(path.glob("*.index.json")):
+        digest.update(index.name.encode())
+        digest.update(index.read_bytes())
+    weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.pt")])
+    for file in weights:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            if file.suffix == ".safetensors" and size >= 8:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                header_bytes = fh.read(min(header_len, size - 8))
+                digest.update(header_bytes)
+                try:
+                    header = json.loads(header_bytes)
+                except ValueError:
+                    raise InputModelError(
+                        f"{file}: not a valid safetensors file (unreadable header)"
+                    ) from None
+                base = 8 + header_len
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    start, end = header[name]["data_offsets"]
+                    fh.seek(base + start)
+                    digest.update(fh.read(min(_SAMPLE_BYTES, end - start)))
+                    fh.seek(base + max(start, end - _SAMPLE_BYTES))
+                    digest.update(fh.read(min(_SAMPLE_BYTES, end - start)))
+            else:
+                fh.seek(max(0, size - _TAIL_BYTES))
+                digest.update(fh.read(_TAIL_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def memory_hash(model: Any) -> str:
+    """Hash of an in-memory model's config and its parameters' names, shapes, dtypes and first/last values."""
+    digest = hashlib.sha256()
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            flat = param.reshape(-1)
+            sample = torch.cat([flat[:8], flat[-8:]]).detach().to("cpu", torch.float32)
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

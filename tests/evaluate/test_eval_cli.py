@@ -1,0 +1,74 @@
+"""The `mergescale eval` and `mergescale tasks` commands (through typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from mergescale.cli import app
+from mergescale.errors import TaskError
+
+runner = CliRunner()
+
+
+def test_eval_writes_results_and_samples(word_model: Path, suite_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = runner.invoke(
+        app, ["eval", str(word_model), "--tasks", str(suite_dir / "suite.yaml"), "--output", str(out),
+              "--limit", "4", "--batch-size", "3", "--log-samples", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["tasks"]) == {"mc_a", "gen", "mc_b", "ppl"} and data["settings"]["batch_size"] == 3
+    assert all(t["n"] == 4 for t in data["tasks"].values())
+    assert (tmp_path / "samples.jsonl").is_file()
+    assert "mc_a" in result.output and "acc=" in result.output
+
+
+def test_tasks_validate_reports_counts_and_errors(suite_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tasks", "validate", str(suite_dir)])
+    assert result.exit_code == 0, result.output
+    assert "4 valid task(s) in suite 'tiny'" in result.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "test.jsonl").write_text('{"context": "a", "choices": ["x"], "gold": 3}\n')
+    (bad / "task.yaml").write_text("name: bad\ndata: {test: test.jsonl}\n")
+    result = runner.invoke(app, ["tasks", "validate", str(bad)])
+    assert isinstance(result.exception, TaskError)  # main() prints it as one red line, exit code 1
+    assert "test.jsonl:1: field '(row)': gold 3 is out of range for 1 choices" in str(result.exception)
+
+
+def test_export_lm_eval_writes_harness_yamls(suite_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["tasks", "export-lm-eval", str(suite_dir), str(tmp_path / "lm"), "--prefix", "ms_"]
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "lm").iterdir())
+    assert names == ["mergescale_metrics.py", "ms_gen.yaml", "ms_mc_a.yaml", "ms_mc_b.yaml", "ms_ppl.yaml"]
+    text = (tmp_path / "lm" / "ms_gen.yaml").read_text()
+    assert "process_results: !function 'mergescale_metrics.process_results'" in text
+    mc_b = yaml.safe_load((tmp_path / "lm" / "ms_mc_b.yaml").read_text())
+    assert mc_b["task"] == "ms_mc_b" and mc_b["output_type"] == "multiple_choice"
+    assert mc_b["num_fewshot"] == 2 and mc_b["fewshot_split"] == "train" and mc_b["target_delimiter"] == " "
+    assert mc_b["dataset_kwargs"]["data_files"]["test"] == str((suite_dir / "mc_b" / "test.jsonl").resolve())
+    assert [m["metric"] for m in mc_b["metric_list"]] == ["acc_norm", "acc"]
+
+
+def test_bad_task_file_is_one_red_line_and_exit_code_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mergescale.cli import main
+
+    (tmp_path / "test.jsonl").write_text('{"context": "a", "choices": ["x"], "gold": 0}\n{"context": "b"\n')
+    (tmp_path / "task.yaml").write_text("name: t\ndata: {test: test.jsonl}\n")
+    monkeypatch.setattr("sys.argv", ["mergescale", "tasks", "validate", str(tmp_path / "task.yaml")])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 1
+    else:
+        raise AssertionError("main() did not exit")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "test.jsonl:2: invalid JSON" in err
+    assert "Traceback" not in err and len(err.replace(str(tmp_path), "").splitlines()) == 1
