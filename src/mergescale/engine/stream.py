@@ -182,7 +182,7 @@ def run_plan(
         out.sink.begin(plan.layout(out))
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
     reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, device.type == "cpu" and _all_linear(plan)), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
@@ -199,6 +199,9 @@ def run_plan(
                     # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
                     result = result.to(plan.output_dtype(out_state.spec, job))
                     write_q.put((out_state.spec.sink, job.name, result))
+                    # drop this job's stack now: loop variables would keep it alive while the next job's
+                    # stack is allocated, doubling the peak memory of stacked methods
+                    out_state.stack = out_state.base = out_state.acc = None
                     del result
                     if errors:
                         raise errors[0]
@@ -313,6 +316,7 @@ def _consume(
             if check_finite and placed is not None:
                 # stacked inputs are checked where they landed; linear outputs once on their result (_finish)
                 _check_finite(plan.labels[src], job.name, placed)
+            placed = None  # a view of the stack: it must not outlive the job
         del x, xf, t
         budget.release(nbytes)
         stats.bytes_read += read_bytes
