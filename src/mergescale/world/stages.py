@@ -1,0 +1,130 @@
+"""Cached, atomic build stages.
+
+A stage has a name, a key (a hash of everything it reads: settings, seed, and the keys of the stages it
+depends on, so a change propagates to every dependent stage and to nothing else) and output paths. It is
+skipped when its record under ``DIR/.stages/`` holds the same key and every output exists. Otherwise it runs:
+
+1. its old record is deleted first, then its old outputs (a kill from here on leaves no record, so the stage
+   is redone next time, never trusted half-written);
+2. it writes into temporary siblings ``.<name>.tmp-<pid>`` of its outputs;
+3. each temporary output is renamed into place;
+4. the record is written (atomically), last.
+Leftover temporary siblings of a killed run are removed when the stage runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def stage_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (pydantic models are dumped first)."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, BaseModel):
+            return x.model_dump(mode="json")
+        if isinstance(x, list | tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        return x
+
+    blob = json.dumps(plain(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageRecord(BaseModel):
+    name: str
+    key: str
+    seconds: float
+    finished: str
+    info: dict[str, Any] = {}
+    skipped: bool = False  # set on the returned copy when the cache answered (never stored)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class StageStore:
+    """Records of finished stages under ``root/.stages``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / ".stages"
+
+    def _record_path(self, name: str) -> Path:
+        return self.dir / (name.replace("/", "__") + ".json")
+
+    def record(self, name: str) -> StageRecord | None:
+        path = self._record_path(name)
+        if not path.is_file():
+            return None
+        try:
+            return StageRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError:  # a damaged record is no record: the stage runs again
+            return None
+
+    def done(self, name: str, key: str, outputs: Sequence[Path]) -> StageRecord | None:
+        rec = self.record(name)
+        if rec is None or rec.key != key or not all(p.exists() for p in outputs):
+            return None
+        return rec
+
+    def run(self, name: str, key: str, outputs: Sequence[Path], fn: Callable[[list[Path]], dict[str, Any] | None],
+            ) -> StageRecord:
+        """Run ``fn(temporary_outputs)`` unless the stage is cached; returns the stage's record."""
+        cached = self.done(name, key, outputs)
+        if cached is not None:
+            return cached.model_copy(update={"skipped": True})
+        remove(self._record_path(name))
+        temps = []
+        for out in outputs:
+            remove(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in out.parent.glob(f".{out.name}.tmp-*"):
+                remove(stale)
+            temps.append(out.with_name(f".{out.name}.tmp-{os.getpid()}"))
+        start = time.perf_counter()
+        try:
+            info = fn(temps) or {}
+        except BaseException:
+            for tmp in temps:
+                remove(tmp)
+            raise
+        for tmp, out in zip(temps, outputs, strict=True):
+            os.replace(tmp, out)
+        rec = StageRecord(name=name, key=key, seconds=round(time.perf_counter() - start, 3),
+                          finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), info=info)
+        write_json_atomic(self._record_path(name), rec.model_dump(exclude={"skipped"}))
+        return rec
+
+    def all_records(self) -> dict[str, StageRecord]:
+        """Every stored record, by stage name."""
+        out: dict[str, StageRecord] = {}
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                rec = StageRecord.model_validate_json(path.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            out[rec.name] = rec
+        return out
