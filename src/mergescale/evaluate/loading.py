@@ -21,20 +21,12 @@ from typing import Any
 
 import torch
 
-from mergescale.errors import ConfigError, InputModelError
+from mergescale.config import parse_dtype as parse_config_dtype
+from mergescale.errors import InputModelError
 from mergescale.evaluate.results import ModelIdentity
 
 _TAIL_BYTES = 64 * 1024
 _SAMPLE_BYTES = 32
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -53,10 +45,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if dtype == "auto":
         return None
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; available: auto, {', '.join(_DTYPES)}") from None
+    return parse_config_dtype(dtype.lower(), key="dtype")
 
 
 def load_model(
