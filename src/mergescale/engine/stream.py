@@ -184,7 +184,8 @@ def run_plan(
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, device.type == "cpu" and _all_linear(plan)), daemon=True)
+    to_float32 = device.type == "cpu" and _all_linear(plan)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, to_float32), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     try:
@@ -215,6 +216,10 @@ def run_plan(
     except BaseException:
         budget.close()
         _drain(write_q)
+        if writer.is_alive():
+            # let a write in progress finish before its file is closed and deleted under it
+            write_q.put(_DONE)
+            writer.join(timeout=30)
         for out in plan.outputs:
             out.sink.abort()
         raise
