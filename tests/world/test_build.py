@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mergescale.cli import app
 from mergescale.errors import ConfigError, OutputError
 from mergescale.world import train
-from mergescale.world.build import BuildResult, build_world
+from mergescale.world.build import BuildResult, build_world, plan
 from mergescale.world.layout import WorldLayout
 from mergescale.world.presets import MICRO
 from mergescale.world.tasks import HELD_IN, HELD_OUT
@@ -79,18 +79,25 @@ def test_rerun_with_nothing_changed_skips_every_stage(micro_build: BuildResult) 
     assert again.scores["models"] == micro_build.scores["models"]
 
 
-def test_a_changed_stage_reruns_itself_and_its_dependents_only(micro_build: BuildResult, tmp_path: Path) -> None:
+def test_a_changed_stage_reruns_itself_and_its_dependents_only(
+    micro_build: BuildResult, tmp_path: Path
+) -> None:
     root = _copy(micro_build, tmp_path)
     changed = MICRO.model_copy(update={"multitask": MICRO.multitask.model_copy(update={"steps": 3})})
     result = build_world(root, changed, seed=0, workers=2)  # the process pool's path, on 8 stages
-    expected = {name for s in MICRO.sizes for k in ("pt", "it")
-                for name in (f"multitask/{s.name}/{k}", f"eval/{s.name}/{k}/multitask")}
+    expected = {
+        name
+        for s in MICRO.sizes
+        for k in ("pt", "it")
+        for name in (f"multitask/{s.name}/{k}", f"eval/{s.name}/{k}/multitask")
+    }
     assert set(result.ran) == expected
     assert len(result.skipped) == len(micro_build.ran) - len(expected)
 
 
-def test_an_interrupted_stage_is_redone_not_trusted(micro_build: BuildResult, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_stage_is_redone_not_trusted(
+    micro_build: BuildResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _copy(micro_build, tmp_path)
     lay = WorldLayout(root)
     victim = lay.expert("s", "it", "topic")
@@ -138,7 +145,35 @@ def test_cli_show_and_errors(micro_build: BuildResult, tmp_path: Path) -> None:
     assert "quality checks" in shown.output and "xs / pt" in shown.output
     missing = runner.invoke(app, ["world", "show", str(tmp_path)])
     assert isinstance(missing.exception, OutputError)
-    built = runner.invoke(app, ["world", "build", "-o", str(micro_build.root), "--preset", "micro", "-q",
-                                "--workers", "1"])
+    built = runner.invoke(
+        app, ["world", "build", "-o", str(micro_build.root), "--preset", "micro", "-q", "--workers", "1"]
+    )
     assert built.exit_code == 0, built.output
     assert "0 stages ran, 85 cached" in " ".join(built.output.split())
+
+
+def _changed_keys(preset_a, preset_b, tmp_path: Path) -> set[str]:
+    a, b = plan(tmp_path, preset_a, 0), plan(tmp_path, preset_b, 0)
+    assert a.keys() == b.keys()
+    return {name for name in a if a[name].key != b[name].key}
+
+
+def test_keys_change_downstream_of_a_setting_only(tmp_path: Path) -> None:
+    """The plan alone (nothing runs): each setting reaches exactly the stages that read it, and what follows."""
+    anneal = MICRO.model_copy(update={"pretrain": MICRO.pretrain.model_copy(update={"anneal_steps": 3})})
+    changed = _changed_keys(MICRO, anneal, tmp_path)
+    assert not any(n == "world" or n.startswith("pretrain/") for n in changed)
+    assert {"anneal/xs", "instruct/s", "expert/s/it/topic", "eval/xs/pt/base", "pretrain-checks/s"} <= changed
+    experts = MICRO.model_copy(update={"expert": MICRO.expert.model_copy(update={"lr": 2e-3})})
+    changed = _changed_keys(MICRO, experts, tmp_path)
+    n_experts = len(MICRO.sizes) * 2 * len(HELD_IN)
+    assert len(changed) == 2 * n_experts  # each expert and its evaluation
+    assert all(n.startswith("expert/") or "/experts/" in n for n in changed)
+    assert _changed_keys(MICRO, MICRO, tmp_path) == set()
+    assert len(
+        _changed_keys(
+            MICRO,
+            MICRO.model_copy(update={"data": MICRO.data.model_copy(update={"instruct_rows": 41})}),
+            tmp_path,
+        )
+    ) == len(plan(tmp_path, MICRO, 0))  # the world feeds everything

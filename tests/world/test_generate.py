@@ -15,10 +15,22 @@ from mergescale.world.generate import write_world
 from mergescale.world.presets import FULL, MICRO, PRESETS, QUICK
 from mergescale.world.tasks import HELD_IN, HELD_OUT, TASKS, instruction_mixture
 
-HELD_IN_CATEGORIES = {"multiple_choice_qa", "extractive_qa", "closed_book_qa", "sentiment_analysis",
-                      "topic_classification", "structure_to_text", "summarisation", "paraphrase_identification"}
-HELD_OUT_CATEGORIES = {"sentence_completion", "natural_language_inference", "coreference_resolution",
-                       "word_sense_disambiguation"}
+HELD_IN_CATEGORIES = {
+    "multiple_choice_qa",
+    "extractive_qa",
+    "closed_book_qa",
+    "sentiment_analysis",
+    "topic_classification",
+    "structure_to_text",
+    "summarisation",
+    "paraphrase_identification",
+}
+HELD_OUT_CATEGORIES = {
+    "sentence_completion",
+    "natural_language_inference",
+    "coreference_resolution",
+    "word_sense_disambiguation",
+}
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -17,11 +17,19 @@ console = Console()
 
 
 def build(
-    out: Annotated[Path, typer.Option("--out", "-o", help="World folder (created; rerun to resume or refresh).")],
-    preset: Annotated[str, typer.Option(help="quick (~6 min on 2 cores), full (~1 h) or micro (tests).")] = "quick",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="World folder (created; rerun to resume or refresh).")
+    ],
+    preset: Annotated[
+        str, typer.Option(help="quick (~6 min on 2 cores), full (~1 h) or micro (tests).")
+    ] = "quick",
     seed: Annotated[int, typer.Option(help="Seed of the world, the data order and the initialisation.")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Processes training side by side (default: 2 on 2+ cores).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per process (default 1: best for tiny models).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes training side by side (default: 2 on 2+ cores).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per process (default 1: best for tiny models).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Generate the world and its tasks, pre-train, instruction-tune and fine-tune its models, and evaluate them."""
@@ -31,9 +39,13 @@ def build(
         result = build_world(out, preset, seed=seed, workers=workers, threads=threads)
     else:
         with _StageProgress() as progress:
-            result = build_world(out, preset, seed=seed, workers=workers, threads=threads, report=progress.report)
-    console.print(f"built [bold]{out}[/] ({result.preset}, seed {result.seed}) in {result.seconds:.1f} s: "
-                  f"{len(result.ran)} stages ran, {len(result.skipped)} cached")
+            result = build_world(
+                out, preset, seed=seed, workers=workers, threads=threads, report=progress.report
+            )
+    console.print(
+        f"built [bold]{out}[/] ({result.preset}, seed {result.seed}) in {result.seconds:.1f} s: "
+        f"{len(result.ran)} stages ran, {len(result.skipped)} cached"
+    )
     _print_scores(result.scores)
 
 
@@ -51,12 +63,17 @@ def _print_scores(scores: dict) -> None:
     tasks = [*scores["held_in"], *scores["held_out"]]
     for size in sizes(scores):
         for kind in ("pt", "it"):
-            table = Table(title=f"{size} / {kind}: primary metric per task (* held-out)", title_justify="left")
+            table = Table(
+                title=f"{size} / {kind}: primary metric per task (* held-out)", title_justify="left"
+            )
             table.add_column("model")
             for t in tasks:
                 table.add_column(SHORT.get(t, t) + ("*" if t in scores["held_out"] else ""), justify="right")
             for label, values in matrix(scores, size, kind):
-                cells = [f"[bold]{v:.2f}[/]" if t == label else f"{v:.2f}" for t, v in zip(tasks, values, strict=True)]
+                cells = [
+                    f"[bold]{v:.2f}[/]" if t == label else f"{v:.2f}"
+                    for t, v in zip(tasks, values, strict=True)
+                ]
                 table.add_row(SHORT.get(label, label), *cells)
             console.print(table)
     checks = Table(title="quality checks", title_justify="left")
@@ -71,8 +88,14 @@ class _StageProgress:
     """One bar for the current stage (step and loss while training) and a log line per finished stage."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self.bars: dict[str, int] = {}
 
     def __enter__(self) -> _StageProgress:
@@ -90,13 +113,18 @@ class _StageProgress:
             return
         if stage not in self.bars:
             self.bars[stage] = self.progress.add_task(stage, total=total or None, loss="")
-        self.progress.update(self.bars[stage], completed=step, total=total or None,
-                             loss=f"loss {loss:.3f}" if loss is not None else "")
+        self.progress.update(
+            self.bars[stage],
+            completed=step,
+            total=total or None,
+            loss=f"loss {loss:.3f}" if loss is not None else "",
+        )
 
 
 def register(app: typer.Typer) -> None:
-    sub = typer.Typer(help="The offline world: generated tasks and tiny models trained from scratch.",
-                      no_args_is_help=True)
+    sub = typer.Typer(
+        help="The offline world: generated tasks and tiny models trained from scratch.", no_args_is_help=True
+    )
     sub.command("build")(build)
     sub.command("show")(show)
     app.add_typer(sub, name="world")

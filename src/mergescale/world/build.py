@@ -24,6 +24,7 @@ import queue
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -101,39 +102,87 @@ def plan(root: Path, preset: Preset, seed: int) -> dict[str, Stage]:
     lay = WorldLayout(root)
     stages: dict[str, Stage] = {}
 
-    def add(name: str, key: str, outputs: list[Path], deps: list[str], action: tuple[str, ...], priority: float,
-            ) -> str:
+    def add(
+        name: str,
+        key: str,
+        outputs: list[Path],
+        deps: list[str],
+        action: tuple[str, ...],
+        priority: float,
+    ) -> str:
         stages[name] = Stage(name, key, tuple(outputs), tuple(deps), action, priority)
         return key
 
-    world = add("world", stage_key("world", WORLD_FORMAT, seed, preset.data), [lay.tasks, lay.corpus, lay.tokenizer],
-                [], ("world",), 1e9)
+    world = add(
+        "world",
+        stage_key("world", WORLD_FORMAT, seed, preset.data),
+        [lay.tasks, lay.corpus, lay.tokenizer],
+        [],
+        ("world",),
+        1e9,
+    )
     p = preset.pretrain
     for rank, size in enumerate(preset.sizes):
         weight = (rank + 1) * 1e6  # later (bigger) sizes first
         s = size.name
-        stable = add(f"pretrain/{s}", stage_key("pretrain", TRAIN_FORMAT, world, size, p, preset.max_length, seed),
-                     [lay.run(s)], ["world"], ("pretrain", s), weight + 5)
-        pt = add(f"anneal/{s}", stage_key("anneal", TRAIN_FORMAT, stable), [lay.annealed(s), lay.base(s, "pt")],
-                 [f"pretrain/{s}"], ("anneal", s), weight + 4)
-        it = add(f"instruct/{s}", stage_key("instruct", TRAIN_FORMAT, pt, preset.instruct), [lay.base(s, "it")],
-                 [f"anneal/{s}"], ("instruct", s), weight + 3)
-        add(f"pretrain-checks/{s}", stage_key("pretrain-checks", EVAL_FORMAT, pt, p.pma_window),
-            [lay.cache / "pretrain" / f"{s}.json"], [f"anneal/{s}"], ("checks", s), weight)
+        stable_settings = p.model_dump(exclude={"anneal_steps"})  # the anneal's length is the anneal's alone
+        stable = add(
+            f"pretrain/{s}",
+            stage_key("pretrain", TRAIN_FORMAT, world, size, stable_settings, preset.max_length, seed),
+            [lay.run(s)],
+            ["world"],
+            ("pretrain", s),
+            weight + 5,
+        )
+        pt = add(
+            f"anneal/{s}",
+            stage_key("anneal", TRAIN_FORMAT, stable, p.anneal_steps),
+            [lay.annealed(s), lay.base(s, "pt")],
+            [f"pretrain/{s}"],
+            ("anneal", s),
+            weight + 4,
+        )
+        it = add(
+            f"instruct/{s}",
+            stage_key("instruct", TRAIN_FORMAT, pt, preset.instruct),
+            [lay.base(s, "it")],
+            [f"anneal/{s}"],
+            ("instruct", s),
+            weight + 3,
+        )
+        add(
+            f"pretrain-checks/{s}",
+            stage_key("pretrain-checks", EVAL_FORMAT, pt, p.pma_window),
+            [lay.cache / "pretrain" / f"{s}.json"],
+            [f"anneal/{s}"],
+            ("checks", s),
+            weight,
+        )
         for kind, base_key, base_stage in (("pt", pt, f"anneal/{s}"), ("it", it, f"instruct/{s}")):
             models = [(lay.base(s, kind), base_key, base_stage, True)]
             for label in (*HELD_IN, "multitask"):
                 settings = preset.multitask if label == "multitask" else preset.expert
                 folder = lay.multitask(s, kind) if label == "multitask" else lay.expert(s, kind, label)
                 name = f"multitask/{s}/{kind}" if label == "multitask" else f"expert/{s}/{kind}/{label}"
-                key = add(name, stage_key("finetune", TRAIN_FORMAT, base_key, world, label, settings), [folder],
-                          [base_stage], ("finetune", s, kind, label), weight + 2)
+                key = add(
+                    name,
+                    stage_key("finetune", TRAIN_FORMAT, base_key, world, label, settings),
+                    [folder],
+                    [base_stage],
+                    ("finetune", s, kind, label),
+                    weight + 2,
+                )
                 models.append((folder, key, name, False))
             for folder, key, dep, is_base in models:
                 model_id = lay.model_id(folder)
-                add(f"eval/{model_id}", stage_key("eval", EVAL_FORMAT, key, world, preset.eval, is_base),
-                    [lay.cache / "scores" / (model_id.replace("/", "__") + ".json")], [dep],
-                    ("eval", model_id, "base" if is_base else "tuned"), weight + 1)
+                add(
+                    f"eval/{model_id}",
+                    stage_key("eval", EVAL_FORMAT, key, world, preset.eval, is_base),
+                    [lay.cache / "scores" / (model_id.replace("/", "__") + ".json")],
+                    [dep],
+                    ("eval", model_id, "base" if is_base else "tuned"),
+                    weight + 1,
+                )
     return stages
 
 
@@ -215,22 +264,43 @@ class _Runner:
         model = new_model(size, self.tokenizer(), self.preset.max_length, self.seed_for("init", s))
         # The online average covers the same span as the SMA check: the last `pma_window` checkpoints.
         start = max(0, p.warmup_steps + p.stable_steps - (p.pma_window - 1) * p.checkpoint_every)
-        pretrain_stable(model, self.tokenizer(), BlockDataset(data[: self.stable_blocks()]), p, tmp[0],
-                        lr_scale=size.lr_scale, seed=self.seed_for("pretrain", s), pma_start=start,
-                        report=self._reporter(f"pretrain/{s}"))
-        return {"parameters": parameter_count(model), "blocks": int(data.shape[0]),
-                "tokens_stable": self.stable_blocks() * p.block_size, "pma_start_step": start}
+        pretrain_stable(
+            model,
+            self.tokenizer(),
+            BlockDataset(data[: self.stable_blocks()]),
+            p,
+            tmp[0],
+            lr_scale=size.lr_scale,
+            seed=self.seed_for("pretrain", s),
+            pma_start=start,
+            report=self._reporter(f"pretrain/{s}"),
+        )
+        return {
+            "parameters": parameter_count(model),
+            "blocks": int(data.shape[0]),
+            "tokens_stable": self.stable_blocks() * p.block_size,
+            "pma_start_step": start,
+        }
 
     def _anneal(self, tmp: list[Path], s: str) -> dict:
         from mergescale.world.train import anneal
 
         size, p = self.sizes[s], self.preset.pretrain
         data = self.blocks()
-        # Fresh text for the anneal when the corpus has it (as a real run would), else another pass.
-        rest = data[self.stable_blocks():] if data.shape[0] - self.stable_blocks() >= p.batch_size else data
+        # One pass over the corpus's last blocks: the text the stable phase did not reach, topped up with the end
+        # of what it saw. (Repeating a short fresh tail for several epochs over-fits it: measured +0.13 nats.)
+        rest = data[-p.anneal_steps * p.batch_size :]
         last = last_checkpoint(self.layout.run(s))
-        anneal(last, self.tokenizer(), BlockDataset(rest), p, tmp[0], lr_scale=size.lr_scale,
-               seed=self.seed_for("anneal", s), report=self._reporter(f"anneal/{s}"))
+        anneal(
+            last,
+            self.tokenizer(),
+            BlockDataset(rest),
+            p,
+            tmp[0],
+            lr_scale=size.lr_scale,
+            seed=self.seed_for("anneal", s),
+            report=self._reporter(f"anneal/{s}"),
+        )
         shutil.copytree(tmp[0], tmp[1])
         return {"from": last.name}
 
@@ -243,9 +313,16 @@ class _Runner:
         k = min(len(docs), round(settings.text_mix * len(pairs)))
         pairs += [("", doc) for doc in random.Random(self.seed_for("instruct-text", s)).sample(docs, k)]
         data = SupervisedDataset(self.tokenizer(), pairs, self.preset.max_length)
-        info = finetune(self.layout.base(s, "pt"), self.tokenizer(), data, settings, tmp[0],
-                        lr_scale=self.sizes[s].lr_scale, seed=self.seed_for("instruct", s),
-                        report=self._reporter(f"instruct/{s}"))
+        info = finetune(
+            self.layout.base(s, "pt"),
+            self.tokenizer(),
+            data,
+            settings,
+            tmp[0],
+            lr_scale=self.sizes[s].lr_scale,
+            seed=self.seed_for("instruct", s),
+            report=self._reporter(f"instruct/{s}"),
+        )
         return {"examples": len(data), **info}
 
     def _finetune(self, tmp: list[Path], s: str, kind: str, label: str) -> dict:
@@ -267,9 +344,17 @@ class _Runner:
         data = SupervisedDataset(tok, pairs, length)
         validation = SupervisedDataset(tok, checks, length, candidates)
         name = f"multitask/{s}/{kind}" if label == "multitask" else f"expert/{s}/{kind}/{label}"
-        info = finetune(self.layout.base(s, kind), tok, data, settings, tmp[0], lr_scale=self.sizes[s].lr_scale,
-                        seed=self.seed_for("finetune", s, kind, label), validation=validation,
-                        report=self._reporter(name))
+        info = finetune(
+            self.layout.base(s, kind),
+            tok,
+            data,
+            settings,
+            tmp[0],
+            lr_scale=self.sizes[s].lr_scale,
+            seed=self.seed_for("finetune", s, kind, label),
+            validation=validation,
+            report=self._reporter(name),
+        )
         return {"examples": len(data), **info}
 
     def _eval(self, tmp: list[Path], model_id: str, role: str) -> dict:
@@ -287,19 +372,26 @@ class _Runner:
         run_dir = lay.run(s)
         ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         # The last checkpoints only (at least the averaged window): the early ones are far above and slow to score.
-        losses = {c.name: self.validation_loss(c) for c in ckpts[-max(window, CHECKED_CHECKPOINTS):]}
+        losses = {c.name: self.validation_loss(c) for c in ckpts[-max(window, CHECKED_CHECKPOINTS) :]}
         lay.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lay.cache) as scratch:
             sma_dir = Path(scratch) / "sma"
             averaged = average_last_checkpoints(run_dir, sma_dir, window)
             sma = self.validation_loss(sma_dir)
         online = run_dir / f"pma-{ckpts[-1].name.split('-')[1]}"
-        write_json_atomic(tmp[0], {
-            "checkpoints": losses, "last_stable": ckpts[-1].name, "last_stable_loss": losses[ckpts[-1].name],
-            "annealed_loss": self.validation_loss(lay.annealed(s)),
-            "sma": {"window": window, "checkpoints": averaged, "loss": sma},
-            "online_pma": {"folder": online.name, "loss": self.validation_loss(online)} if online.is_dir() else None,
-        })
+        write_json_atomic(
+            tmp[0],
+            {
+                "checkpoints": losses,
+                "last_stable": ckpts[-1].name,
+                "last_stable_loss": losses[ckpts[-1].name],
+                "annealed_loss": self.validation_loss(lay.annealed(s)),
+                "sma": {"window": window, "checkpoints": averaged, "loss": sma},
+                "online_pma": {"folder": online.name, "loss": self.validation_loss(online)}
+                if online.is_dir()
+                else None,
+            },
+        )
         return {}
 
 
@@ -312,33 +404,59 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(root: str, preset_json: str, seed: int, threads: int, events: Any) -> None:
     torch.set_num_threads(threads)
     _silence_transformers()
+    _exit_with_parent()
 
     def report(name: str, step: int, total: int, loss: float | None) -> None:
         if events is not None:
             events.put((name, step, total, loss))
 
-    _WORKER["runner"] = _Runner(Path(root), Preset.model_validate_json(preset_json), seed,
-                                report if events is not None else None)
+    _WORKER["runner"] = _Runner(
+        Path(root), Preset.model_validate_json(preset_json), seed, report if events is not None else None
+    )
+
+
+def _exit_with_parent() -> None:
+    """A worker whose build process is gone (killed, not interrupted) stops too, instead of training on for
+    nobody; its half-written stage is cleaned up by the next build."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker_run(stage: Stage) -> bool:
     return _WORKER["runner"].run(stage)
 
 
-def _run_parallel(stages: list[Stage], done: set[str], runner: _Runner, workers: int, threads: int,
-                  result: BuildResult, report: Reporter | None) -> None:
+def _run_parallel(
+    stages: list[Stage],
+    done: set[str],
+    runner: _Runner,
+    workers: int,
+    threads: int,
+    result: BuildResult,
+    report: Reporter | None,
+) -> None:
     """Run ``stages`` (not cached) on a pool as their dependencies finish; events go to ``report``."""
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can hang the child
     events = ctx.Queue() if report is not None else None
     pending = {s.name: s for s in stages}
     running: dict[Future, Stage] = {}
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(str(runner.layout.root), runner.preset.model_dump_json(), runner.seed,
-                                       threads, events)) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(str(runner.layout.root), runner.preset.model_dump_json(), runner.seed, threads, events),
+    ) as pool:
         try:
             while pending or running:
-                ready = sorted((s for s in pending.values() if all(d in done for d in s.deps)),
-                               key=lambda s: -s.priority)
+                ready = sorted(
+                    (s for s in pending.values() if all(d in done for d in s.deps)), key=lambda s: -s.priority
+                )
                 for stage in ready[: max(0, workers + 1 - len(running))]:  # one queued ahead per pool
                     running[pool.submit(_worker_run, stage)] = pending.pop(stage.name)
                 finished, _ = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
@@ -348,7 +466,11 @@ def _run_parallel(stages: list[Stage], done: set[str], runner: _Runner, workers:
                     ran = future.result()  # re-raises a worker's error here
                     done.add(stage.name)
                     (result.ran if ran else result.skipped).append(stage.name)
-                if not running and pending and not any(all(d in done for d in s.deps) for s in pending.values()):
+                if (
+                    not running
+                    and pending
+                    and not any(all(d in done for d in s.deps) for s in pending.values())
+                ):
                     raise RuntimeError(f"stages with unmet dependencies: {', '.join(pending)}")
         except BaseException:
             for future in running:
@@ -371,8 +493,15 @@ def _drain(events: Any, report: Reporter | None) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the API
 # ---------------------------------------------------------------------------------------------------------------
-def build_world(out_dir: str | Path, preset: str | Preset = "quick", *, seed: int = 0, workers: int | None = None,
-                threads: int | None = None, report: Reporter | None = None) -> BuildResult:
+def build_world(
+    out_dir: str | Path,
+    preset: str | Preset = "quick",
+    *,
+    seed: int = 0,
+    workers: int | None = None,
+    threads: int | None = None,
+    report: Reporter | None = None,
+) -> BuildResult:
     """Build (or resume, or refresh) the offline world in ``out_dir``; see the module docstring and docs/world.md.
 
     Args:
@@ -396,7 +525,9 @@ def build_world(out_dir: str | Path, preset: str | Preset = "quick", *, seed: in
     if root.exists() and not root.is_dir():
         raise OutputError(f"{root}: exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not (root / ".stages").is_dir():
-        raise OutputError(f"{root}: folder is not empty and holds no world build (no .stages/); choose another")
+        raise OutputError(
+            f"{root}: folder is not empty and holds no world build (no .stages/); choose another"
+        )
     preset = get_preset(preset) if isinstance(preset, str) else preset
     root.mkdir(parents=True, exist_ok=True)
     (root / ".stages").mkdir(exist_ok=True)
@@ -409,7 +540,9 @@ def build_world(out_dir: str | Path, preset: str | Preset = "quick", *, seed: in
         todo = []
         done: set[str] = set()
         for stage in stages.values():
-            if runner.store.done(stage.name, stage.key, list(stage.outputs)) and all(d in done for d in stage.deps):
+            if runner.store.done(stage.name, stage.key, list(stage.outputs)) and all(
+                d in done for d in stage.deps
+            ):
                 done.add(stage.name)
                 result.skipped.append(stage.name)
             else:
@@ -441,15 +574,26 @@ def _scores_json(runner: _Runner, stages: dict[str, Stage]) -> dict:
         model_id = stage.action[1]
         size, kind, *rest = model_id.split("/")
         role = "base" if rest == ["base"] else "multitask" if rest == ["multitask"] else "expert"
-        entries[model_id] = {"path": f"models/{model_id}", "size": size, "base": kind, "role": role,
-                             "task": rest[1] if role == "expert" else None,
-                             "scores": read_json(stage.outputs[0])}
+        entries[model_id] = {
+            "path": f"models/{model_id}",
+            "size": size,
+            "base": kind,
+            "role": role,
+            "task": rest[1] if role == "expert" else None,
+            "scores": read_json(stage.outputs[0]),
+        }
     checks = {s.name: read_json(lay.cache / "pretrain" / f"{s.name}.json") for s in runner.preset.sizes}
     return {
-        "mergescale_version": __version__, "seed": runner.seed, "preset": runner.preset.name,
-        "suite": "tasks/suite.yaml", "held_in": list(HELD_IN), "held_out": list(HELD_OUT),
+        "mergescale_version": __version__,
+        "seed": runner.seed,
+        "preset": runner.preset.name,
+        "suite": "tasks/suite.yaml",
+        "held_in": list(HELD_IN),
+        "held_out": list(HELD_OUT),
         "primary_metric": {t.name: t.primary_metric for t in runner.tasks()},
-        "eval": runner.preset.eval.model_dump(), "models": entries, "pretrain": checks,
+        "eval": runner.preset.eval.model_dump(),
+        "models": entries,
+        "pretrain": checks,
     }
 
 
@@ -461,16 +605,31 @@ def _world_json(runner: _Runner, result: BuildResult, threads: int, workers: int
         sizes[size.name] = {**size.model_dump(), "parameters": rec.info.get("parameters") if rec else None}
     world_rec = records.get("world")
     return {
-        "mergescale_version": __version__, "seed": runner.seed, "preset": runner.preset.name,
-        "sizes": sizes, "base_kinds": list(BASE_KINDS),
-        "tasks": {"held_in": list(HELD_IN), "held_out": list(HELD_OUT),
-                  "rows": world_rec.info.get("tasks") if world_rec else None},
+        "mergescale_version": __version__,
+        "seed": runner.seed,
+        "preset": runner.preset.name,
+        "sizes": sizes,
+        "base_kinds": list(BASE_KINDS),
+        "tasks": {
+            "held_in": list(HELD_IN),
+            "held_out": list(HELD_OUT),
+            "rows": world_rec.info.get("tasks") if world_rec else None,
+        },
         "settings": runner.preset.model_dump(mode="json"),
-        "stages": {name: {"key": r.key, "seconds": r.seconds, "finished": r.finished, **r.info}
-                   for name, r in records.items()},
-        "last_build": {"seconds": result.seconds, "ran": len(result.ran), "skipped": len(result.skipped),
-                       "workers": workers, "threads": threads, "cpu_count": os.cpu_count(),
-                       "machine": platform.machine(), "torch": torch.__version__},
+        "stages": {
+            name: {"key": r.key, "seconds": r.seconds, "finished": r.finished, **r.info}
+            for name, r in records.items()
+        },
+        "last_build": {
+            "seconds": result.seconds,
+            "ran": len(result.ran),
+            "skipped": len(result.skipped),
+            "workers": workers,
+            "threads": threads,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+        },
     }
 
 

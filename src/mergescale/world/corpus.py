@@ -71,8 +71,10 @@ def place_facts(world: World, rng: random.Random) -> str:
 def job_facts(world: World, rng: random.Random) -> str:
     job = rng.choice(sorted(JOBS))
     place, thing = JOBS[job]
-    sentences = [rng.choice((f"A {job} works at the {place}.", f"Every {job} goes to the {place} to work.")),
-                 f"The work of {article(job)} is about {thing}."]
+    sentences = [
+        rng.choice((f"A {job} works at the {place}.", f"Every {job} goes to the {place} to work.")),
+        f"The work of {article(job)} is about {thing}.",
+    ]
     workers = [p for p in world.people if p.job == job]
     if workers:
         p = rng.choice(workers)
@@ -86,12 +88,16 @@ def meeting_story(world: World, rng: random.Random) -> str:
     b = rng.choice([p for p in world.people if p.pronoun != a.pronoun])
     s = [f"{a.name} and {b.name} met in {rng.choice((a.city, b.city))}."]
     for person in rng.sample((a, b), 2):
-        s.append(rng.choice((
-            f"{person.pronoun.capitalize()} talked about {person.possessive} {person.pet}.",
-            f"{person.pronoun.capitalize()} ordered some {person.food}.",
-            f"{person.pronoun.capitalize()} said that {person.pronoun} works as {article(person.job)}.",
-            f"{person.pronoun.capitalize()} showed {person.possessive} {person.item}.",
-        )))
+        s.append(
+            rng.choice(
+                (
+                    f"{person.pronoun.capitalize()} talked about {person.possessive} {person.pet}.",
+                    f"{person.pronoun.capitalize()} ordered some {person.food}.",
+                    f"{person.pronoun.capitalize()} said that {person.pronoun} works as {article(person.job)}.",
+                    f"{person.pronoun.capitalize()} showed {person.possessive} {person.item}.",
+                )
+            )
+        )
     return " ".join(s)
 
 
@@ -118,18 +124,24 @@ def day_story(world: World, rng: random.Random) -> str:
     a = rng.choice(world.people)
     b = rng.choice([p for p in world.people if p.pronoun != a.pronoun])
     day = rng.choice(DAYS)
-    what = {p.name: (rng.choice(pools["city"]), rng.choice(COLORS), rng.choice(pools["item"])) for p in (a, b)}
+    what = {
+        p.name: (rng.choice(pools["city"]), rng.choice(COLORS), rng.choice(pools["item"])) for p in (a, b)
+    }
     s = [f"On {day}, {a.name} visited {what[a.name][0]} and {b.name} visited {what[b.name][0]}."]
     for p in rng.sample((a, b), 2):
         s.append(f"{p.name} wore a {what[p.name][1]} coat and carried {article(what[p.name][2])}.")
     p = rng.choice((a, b))
     city, color, item = what[p.name]
-    s.append(rng.choice((
-        f"In the evening, {p.first} came back from {city}.",
-        f"Later, {p.first} lost {p.possessive} {color} coat.",
-        f"At night, {p.pronoun} put the {item} away.",
-        f"The one who visited {city} was {p.name}.",
-    )))
+    s.append(
+        rng.choice(
+            (
+                f"In the evening, {p.first} came back from {city}.",
+                f"Later, {p.first} lost {p.possessive} {color} coat.",
+                f"At night, {p.pronoun} put the {item} away.",
+                f"The one who visited {city} was {p.name}.",
+            )
+        )
+    )
     return " ".join(s)
 
 
@@ -146,8 +158,10 @@ def paraphrase_text(world: World, rng: random.Random) -> str:
 def topic_text(world: World, rng: random.Random) -> str:
     topic = rng.choice(sorted(TOPICS))
     w = rng.sample(TOPICS[topic], 4)
-    return (f"This is about {topic}. The {w[0]} and the {w[1]} were discussed. "
-            f"Later everyone talked about the {w[2]} and the {w[3]}.")
+    return (
+        f"This is about {topic}. The {w[0]} and the {w[1]} were discussed. "
+        f"Later everyone talked about the {w[2]} and the {w[3]}."
+    )
 
 
 def sense_text(world: World, rng: random.Random) -> str:
@@ -166,12 +180,22 @@ def event_story(world: World, rng: random.Random) -> str:
     p = rng.choice(world.people)
     pools = value_pools(world.cities)
     own = rng.random() < 0.5  # half the events are the world's facts, half are news the text alone tells
-    city, job, pet, item = ((p.city, p.job, p.pet, p.item) if own else
-                            (rng.choice(pools["city"]), rng.choice(pools["job"]), rng.choice(pools["pet"]),
-                             rng.choice(pools["item"])))
-    event = rng.choice((f"moved to {city}", f"became {article(job)}", f"adopted {article(pet)}",
-                        f"bought {article(item)}"))
-    when = rng.choice(("Last year", "After a long trip", "In the spring", "One cold morning", "Two weeks ago"))
+    city, job, pet, item = (
+        (p.city, p.job, p.pet, p.item)
+        if own
+        else (
+            rng.choice(pools["city"]),
+            rng.choice(pools["job"]),
+            rng.choice(pools["pet"]),
+            rng.choice(pools["item"]),
+        )
+    )
+    event = rng.choice(
+        (f"moved to {city}", f"became {article(job)}", f"adopted {article(pet)}", f"bought {article(item)}")
+    )
+    when = rng.choice(
+        ("Last year", "After a long trip", "In the spring", "One cold morning", "Two weeks ago")
+    )
     fillers = rng.sample(FILLER_SENTENCES, 2)
     text = " ".join((fillers[0], f"{when}, {p.name} {event}.", fillers[1]))
     if rng.random() < 0.5:

@@ -43,7 +43,9 @@ def pack_documents(tokenizer: Any, docs: Sequence[str], block_size: int) -> torc
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)  # (N, block_size)
 
 
-def task_pairs(rows: Sequence[dict[str, Any]], kind: str, target_delimiter: str = " ") -> list[tuple[str, str]]:
+def task_pairs(
+    rows: Sequence[dict[str, Any]], kind: str, target_delimiter: str = " "
+) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from task rows in the evaluation format."""
     if kind == "multiple_choice":
         return [(r["context"], target_delimiter + r["choices"][r["gold"]]) for r in rows]
@@ -52,8 +54,11 @@ def task_pairs(rows: Sequence[dict[str, Any]], kind: str, target_delimiter: str 
     raise ValueError(f"cannot fine-tune on a task of kind {kind!r}")
 
 
-def task_candidates(rows: Sequence[dict[str, Any]], kind: str, target_delimiter: str = " ",
-                    ) -> list[list[str] | None]:
+def task_candidates(
+    rows: Sequence[dict[str, Any]],
+    kind: str,
+    target_delimiter: str = " ",
+) -> list[list[str] | None]:
     """For model selection: the continuations a multiple-choice row chooses between (None for generation)."""
     if kind == "multiple_choice":
         return [[target_delimiter + c for c in r["choices"]] for r in rows]
@@ -67,8 +72,13 @@ def instruction_pairs(rows: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
 class SupervisedDataset(Dataset):
     """Tokenised (prompt, answer) pairs; labels mask the prompt so the loss is on the answer only."""
 
-    def __init__(self, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int,
-                 candidates: Sequence[Sequence[str] | None] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        pairs: Sequence[tuple[str, str]],
+        max_length: int,
+        candidates: Sequence[Sequence[str] | None] | None = None,
+    ) -> None:
         # candidates[i]: the first token of each continuation example i chooses between (multiple choice), so
         # model selection can score it the way the evaluator does; None for free generation.
         self.candidates: list[list[int] | None] = [
@@ -80,7 +90,7 @@ class SupervisedDataset(Dataset):
         self.examples: list[tuple[list[int], list[int]]] = []
         for prompt, whole in zip(prompts, wholes, strict=True):
             whole = [*whole, tokenizer.eos_token_id][:max_length]
-            labels = [IGNORE] * len(prompt) + whole[len(prompt):]
+            labels = [IGNORE] * len(prompt) + whole[len(prompt) :]
             self.examples.append((whole, labels[: len(whole)]))
 
     def __len__(self) -> int:

@@ -9,14 +9,24 @@ from typing import Any
 from mergescale.world.presets import EvalSettings
 
 
-def score_model(model_dir: Path, tasks: list[Any], settings: EvalSettings, *, limit: bool = True,
-                ) -> dict[str, dict[str, float]]:
+def score_model(
+    model_dir: Path,
+    tasks: list[Any],
+    settings: EvalSettings,
+    *,
+    limit: bool = True,
+) -> dict[str, dict[str, float]]:
     """Every metric of every task for the model in ``model_dir`` (tasks loaded once by the caller, so their
     tokenised examples are cached across models)."""
     from mergescale.evaluate import evaluate
 
-    results = evaluate(str(model_dir), tasks, limit=settings.limit if limit else None,
-                       batch_size=settings.batch_size, progress=False)
+    results = evaluate(
+        str(model_dir),
+        tasks,
+        limit=settings.limit if limit else None,
+        batch_size=settings.batch_size,
+        progress=False,
+    )
     return {name: {k: float(v) for k, v in r.metrics.items()} for name, r in results.tasks.items()}
 
 

@@ -53,8 +53,13 @@ def task_yaml(task: TaskDef, splits: Iterable[str]) -> dict[str, Any]:
     return spec
 
 
-def write_world(seed: int, settings: DataSettings, tasks_dir: Path, corpus_dir: Path, tokenizer_dir: Path,
-                ) -> dict[str, Any]:
+def write_world(
+    seed: int,
+    settings: DataSettings,
+    tasks_dir: Path,
+    corpus_dir: Path,
+    tokenizer_dir: Path,
+) -> dict[str, Any]:
     """Generate everything from ``seed`` and write the three folders; returns counts for world.json."""
     world = generate_world(seed, settings.world)
     train_docs = documents(world, settings.corpus_docs, "train")
@@ -77,22 +82,34 @@ def write_world(seed: int, settings: DataSettings, tasks_dir: Path, corpus_dir: 
         for split in splits:
             _write_jsonl(folder / f"{split}.jsonl", rows[split])
             for r in rows[split]:
-                texts.append(str(r.get("context", r.get("prompt"))) + " " +
-                             " ".join(map(str, r.get("choices", r.get("references", [])))))  # type: ignore[arg-type]
+                texts.append(
+                    str(r.get("context", r.get("prompt")))
+                    + " "
+                    + " ".join(map(str, r.get("choices", r.get("references", []))))
+                )  # type: ignore[arg-type]
         _write_yaml(folder / "task.yaml", task_yaml(task, splits))
         counts[task.name] = {s: len(rows[s]) for s in splits}
-    _write_yaml(tasks_dir / "suite.yaml", {
-        "name": f"world-seed{seed}",
-        "description": "the offline world's tasks: 8 held-in categories (experts) and 4 held-out ones",
-        "held_in": [f"{name}/task.yaml" for name in HELD_IN],
-        "held_out": [f"{name}/task.yaml" for name in HELD_OUT],
-    })
+    _write_yaml(
+        tasks_dir / "suite.yaml",
+        {
+            "name": f"world-seed{seed}",
+            "description": "the offline world's tasks: 8 held-in categories (experts) and 4 held-out ones",
+            "held_in": [f"{name}/task.yaml" for name in HELD_IN],
+            "held_out": [f"{name}/task.yaml" for name in HELD_OUT],
+        },
+    )
     _write_jsonl(tasks_dir / "pretrain_val.jsonl", ({"text": d} for d in val_docs))
-    _write_yaml(tasks_dir / "pretrain_val.yaml", {
-        "name": "pretrain_val", "category": "language_modeling", "kind": "perplexity",
-        "data": {"test": "pretrain_val.jsonl"}, "metrics": ["loss", "ppl"],
-        "description": "held-out pre-training text: validation loss (mean token NLL) for checkpoints and PMA",
-    })
+    _write_yaml(
+        tasks_dir / "pretrain_val.yaml",
+        {
+            "name": "pretrain_val",
+            "category": "language_modeling",
+            "kind": "perplexity",
+            "data": {"test": "pretrain_val.jsonl"},
+            "metrics": ["loss", "ppl"],
+            "description": "held-out pre-training text: validation loss (mean token NLL) for checkpoints and PMA",
+        },
+    )
 
     corpus_dir.mkdir(parents=True)
     (corpus_dir / "pretrain.txt").write_text("".join(d + "\n" for d in train_docs), encoding="utf-8")
@@ -102,10 +119,19 @@ def write_world(seed: int, settings: DataSettings, tasks_dir: Path, corpus_dir: 
 
     tokenizer = build_tokenizer(texts, world.vocabulary())
     tokenizer.save_pretrained(str(tokenizer_dir))
-    return {"vocab_size": len(tokenizer), "pretrain_docs": len(train_docs), "validation_docs": len(val_docs),
-            "instruct_rows": len(instruct), "tasks": counts}
+    return {
+        "vocab_size": len(tokenizer),
+        "pretrain_docs": len(train_docs),
+        "validation_docs": len(val_docs),
+        "instruct_rows": len(instruct),
+        "tasks": counts,
+    }
 
 
 def _world_facts(world: World) -> dict[str, Any]:
-    return {"seed": world.seed, "people": [asdict(p) for p in world.people], "cities": world.country_of,
-            "capitals": world.capital_of}
+    return {
+        "seed": world.seed,
+        "people": [asdict(p) for p in world.people],
+        "cities": world.country_of,
+        "capitals": world.capital_of,
+    }

@@ -74,6 +74,7 @@ class FinetuneSettings(_Settings):
     # `patience` checks without improvement. 0 turns it off (a fixed number of steps).
     eval_every: int = Field(25, ge=0)
     patience: int = Field(3, ge=1)
+    min_steps: int = Field(0, ge=0)  # no early stop before this step (a task can plateau before its jump)
     validation_rows: int = Field(64, ge=1)
     # Pre-training documents mixed into the examples, as a share of them (instruction tuning keeps the language
     # model it starts from this way, as instruction-tuning recipes mix in pre-training data).
@@ -104,12 +105,26 @@ class Preset(_Settings):
 
 MICRO = Preset(
     name="micro",
-    data=DataSettings(world=WorldSpec(people=12, cities=6, countries=3), corpus_docs=400, validation_docs=20,
-                      instruct_rows=40, tasks=TaskSizes(train=24, validation=8, test=8)),
-    sizes=(ModelSize(name="xs", hidden=16, layers=1, heads=2, kv_heads=2, intermediate=32),
-           ModelSize(name="s", hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64)),
-    pretrain=PretrainSettings(block_size=32, batch_size=8, warmup_steps=2, stable_steps=6, checkpoint_every=2,
-                              anneal_steps=2, pma_window=2),
+    data=DataSettings(
+        world=WorldSpec(people=12, cities=6, countries=3),
+        corpus_docs=400,
+        validation_docs=20,
+        instruct_rows=40,
+        tasks=TaskSizes(train=24, validation=8, test=8),
+    ),
+    sizes=(
+        ModelSize(name="xs", hidden=16, layers=1, heads=2, kv_heads=2, intermediate=32),
+        ModelSize(name="s", hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64),
+    ),
+    pretrain=PretrainSettings(
+        block_size=32,
+        batch_size=8,
+        warmup_steps=2,
+        stable_steps=6,
+        checkpoint_every=2,
+        anneal_steps=2,
+        pma_window=2,
+    ),
     instruct=FinetuneSettings(steps=2, batch_size=4, lr=1e-3, warmup_steps=0),
     expert=FinetuneSettings(steps=2, batch_size=4, lr=1e-3, warmup_steps=0),
     multitask=FinetuneSettings(steps=2, batch_size=4, lr=1e-3, warmup_steps=0),
@@ -119,29 +134,59 @@ MICRO = Preset(
 
 QUICK = Preset(
     name="quick",
-    data=DataSettings(world=WorldSpec(people=40, cities=12, countries=4), corpus_docs=40000, validation_docs=400,
-                      instruct_rows=2000, tasks=TaskSizes(train=1000, validation=100, test=100)),
-    sizes=(ModelSize(name="s", hidden=32, layers=2, heads=4, kv_heads=4, intermediate=96, lr_scale=1.5),
-           ModelSize(name="m", hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192)),
-    pretrain=PretrainSettings(block_size=64, batch_size=16, lr=3e-3, warmup_steps=50, stable_steps=1150,
-                              checkpoint_every=30, anneal_steps=120, pma_window=4),
+    data=DataSettings(
+        world=WorldSpec(people=40, cities=12, countries=4),
+        corpus_docs=45000,
+        validation_docs=400,
+        instruct_rows=2000,
+        tasks=TaskSizes(train=1000, validation=100, test=100),
+    ),
+    sizes=(
+        ModelSize(name="s", hidden=32, layers=2, heads=4, kv_heads=4, intermediate=96, lr_scale=1.5),
+        ModelSize(name="m", hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
+    ),
+    pretrain=PretrainSettings(
+        block_size=64,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=50,
+        stable_steps=1350,
+        checkpoint_every=25,
+        anneal_steps=150,
+        pma_window=3,
+    ),
     instruct=FinetuneSettings(steps=200, lr=2e-3, eval_every=0, text_mix=0.5),
-    expert=FinetuneSettings(steps=300, lr=1e-3, eval_every=25, patience=4),
+    expert=FinetuneSettings(steps=500, lr=1e-3, eval_every=25, patience=6, min_steps=300),
     multitask=FinetuneSettings(steps=500, lr=1e-3, eval_every=50, patience=3, validation_rows=24),
     eval=EvalSettings(limit=100, batch_size=64),
 )
 
 FULL = Preset(
     name="full",
-    data=DataSettings(world=WorldSpec(people=60, cities=16, countries=6), corpus_docs=80000, validation_docs=800,
-                      instruct_rows=6000, tasks=TaskSizes(train=2000, validation=200, test=200)),
-    sizes=(ModelSize(name="s", hidden=32, layers=2, heads=4, kv_heads=4, intermediate=96, lr_scale=1.5),
-           ModelSize(name="m", hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
-           ModelSize(name="l", hidden=128, layers=4, heads=8, kv_heads=8, intermediate=384, lr_scale=0.6)),
-    pretrain=PretrainSettings(block_size=64, batch_size=16, lr=3e-3, warmup_steps=100, stable_steps=2000,
-                              checkpoint_every=100, anneal_steps=200, pma_window=5),
+    data=DataSettings(
+        world=WorldSpec(people=60, cities=16, countries=6),
+        corpus_docs=80000,
+        validation_docs=800,
+        instruct_rows=6000,
+        tasks=TaskSizes(train=2000, validation=200, test=200),
+    ),
+    sizes=(
+        ModelSize(name="s", hidden=32, layers=2, heads=4, kv_heads=4, intermediate=96, lr_scale=1.5),
+        ModelSize(name="m", hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
+        ModelSize(name="l", hidden=128, layers=4, heads=8, kv_heads=8, intermediate=384, lr_scale=0.6),
+    ),
+    pretrain=PretrainSettings(
+        block_size=64,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=100,
+        stable_steps=2000,
+        checkpoint_every=50,
+        anneal_steps=250,
+        pma_window=3,
+    ),
     instruct=FinetuneSettings(steps=400, lr=2e-3, eval_every=0, text_mix=0.5),
-    expert=FinetuneSettings(steps=500, lr=1e-3, eval_every=25, patience=4),
+    expert=FinetuneSettings(steps=600, lr=1e-3, eval_every=25, patience=6, min_steps=300),
     multitask=FinetuneSettings(steps=1500, lr=1e-3, eval_every=50, patience=4, validation_rows=32),
     eval=EvalSettings(limit=200, batch_size=64),
 )

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 def stage_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (pydantic models are dumped first)."""
+
     def plain(x: Any) -> Any:
         if isinstance(x, BaseModel):
             return x.model_dump(mode="json")
@@ -90,8 +91,13 @@ class StageStore:
             return None
         return rec
 
-    def run(self, name: str, key: str, outputs: Sequence[Path], fn: Callable[[list[Path]], dict[str, Any] | None],
-            ) -> StageRecord:
+    def run(
+        self,
+        name: str,
+        key: str,
+        outputs: Sequence[Path],
+        fn: Callable[[list[Path]], dict[str, Any] | None],
+    ) -> StageRecord:
         """Run ``fn(temporary_outputs)`` unless the stage is cached; returns the stage's record."""
         cached = self.done(name, key, outputs)
         if cached is not None:
@@ -113,8 +119,13 @@ class StageStore:
             raise
         for tmp, out in zip(temps, outputs, strict=True):
             os.replace(tmp, out)
-        rec = StageRecord(name=name, key=key, seconds=round(time.perf_counter() - start, 3),
-                          finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), info=info)
+        rec = StageRecord(
+            name=name,
+            key=key,
+            seconds=round(time.perf_counter() - start, 3),
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            info=info,
+        )
         write_json_atomic(self._record_path(name), rec.model_dump(exclude={"skipped"}))
         return rec
 

@@ -15,9 +15,20 @@ from typing import Any
 EXPERT_MARGIN = 0.25
 
 # Column labels for the printed matrix (a terminal is narrower than 12 task names).
-SHORT = {"mcqa": "mcqa", "extractive_qa": "extqa", "closed_book_qa": "cbqa", "sentiment": "sent",
-         "topic": "topic", "struct_to_text": "s2t", "summarisation": "summ", "paraphrase": "para",
-         "completion": "compl", "nli": "nli", "coreference": "coref", "wsd": "wsd"}
+SHORT = {
+    "mcqa": "mcqa",
+    "extractive_qa": "extqa",
+    "closed_book_qa": "cbqa",
+    "sentiment": "sent",
+    "topic": "topic",
+    "struct_to_text": "s2t",
+    "summarisation": "summ",
+    "paraphrase": "para",
+    "completion": "compl",
+    "nli": "nli",
+    "coreference": "coref",
+    "wsd": "wsd",
+}
 
 
 @dataclass(frozen=True)
@@ -60,26 +71,51 @@ def quality_checks(scores: dict[str, Any]) -> list[Check]:
         largest = size == all_sizes[-1]
         for kind in ("pt", "it"):
             base = f"{size}/{kind}/base"
-            gains = {t: primary(scores, f"{size}/{kind}/experts/{t}", t) - primary(scores, base, t)
-                     for t in scores["held_in"]}
+            gains = {
+                t: primary(scores, f"{size}/{kind}/experts/{t}", t) - primary(scores, base, t)
+                for t in scores["held_in"]
+            }
             worst = min(gains, key=gains.__getitem__)
-            checks.append(Check(
-                f"{size}/{kind}: expert - base on own task (min)", gains[worst],
-                gains[worst] >= EXPERT_MARGIN if largest else gains[worst] > 0,
-                f"worst {worst}; mean {mean(gains.values()):+.3f}",
-            ))
-            ratio = mean(primary(scores, f"{size}/{kind}/multitask", t) /
-                         max(1e-9, primary(scores, f"{size}/{kind}/experts/{t}", t)) for t in scores["held_in"])
-            checks.append(Check(f"{size}/{kind}: multitask / expert on held-in (mean)", ratio, ratio >= 0.85, ""))
+            checks.append(
+                Check(
+                    f"{size}/{kind}: expert - base on own task (min)",
+                    gains[worst],
+                    gains[worst] >= EXPERT_MARGIN if largest else gains[worst] > 0,
+                    f"worst {worst}; mean {mean(gains.values()):+.3f}",
+                )
+            )
+            ratio = mean(
+                primary(scores, f"{size}/{kind}/multitask", t)
+                / max(1e-9, primary(scores, f"{size}/{kind}/experts/{t}", t))
+                for t in scores["held_in"]
+            )
+            checks.append(
+                Check(f"{size}/{kind}: multitask / expert on held-in (mean)", ratio, ratio >= 0.85, "")
+            )
         pt = mean(primary(scores, f"{size}/pt/base", t) for t in scores["held_out"])
         it = mean(primary(scores, f"{size}/it/base", t) for t in scores["held_out"])
-        checks.append(Check(f"{size}: IT base - PT base on held-out (mean)", it - pt, it > pt,
-                            f"PT {pt:.3f}, IT {it:.3f}"))
+        checks.append(
+            Check(
+                f"{size}: IT base - PT base on held-out (mean)", it - pt, it > pt, f"PT {pt:.3f}, IT {it:.3f}"
+            )
+        )
         pre = scores["pretrain"][size]
         last = pre["last_stable_loss"]
-        checks.append(Check(f"{size}: annealed - last stable (val loss)", pre["annealed_loss"] - last,
-                            pre["annealed_loss"] < last, f"last {last:.4f}"))
+        checks.append(
+            Check(
+                f"{size}: annealed - last stable (val loss)",
+                pre["annealed_loss"] - last,
+                pre["annealed_loss"] < last,
+                f"last {last:.4f}",
+            )
+        )
         sma = pre["sma"]
-        checks.append(Check(f"{size}: SMA of last {sma['window']} - last stable (val loss)", sma["loss"] - last,
-                            sma["loss"] < last, f"last {last:.4f}"))
+        checks.append(
+            Check(
+                f"{size}: SMA of last {sma['window']} - last stable (val loss)",
+                sma["loss"] - last,
+                sma["loss"] < last,
+                f"last {last:.4f}",
+            )
+        )
     return checks

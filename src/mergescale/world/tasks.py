@@ -48,7 +48,9 @@ from mergescale.world.templates import (
 Row = dict[str, object]
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
-Fact = tuple[str, str]  # (subject, relation): ("Alice Moreno", "city"), ("Paris", "country"), ("baker", "workplace")
+Fact = tuple[
+    str, str
+]  # (subject, relation): ("Alice Moreno", "city"), ("Paris", "country"), ("baker", "workplace")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,11 @@ def mcqa(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     others = [v for v in pool if v != answer]
     choices = [answer, *rng.sample(others, min(3, len(others)))]
     rng.shuffle(choices)
-    return {"context": f"Question: {question}\nOptions: {', '.join(choices)}\nAnswer:", "choices": choices,
-            "gold": choices.index(answer)}
+    return {
+        "context": f"Question: {question}\nOptions: {', '.join(choices)}\nAnswer:",
+        "choices": choices,
+        "gold": choices.index(answer),
+    }
 
 
 def closed_book_qa(world: World, rng: random.Random, facts: list[Fact]) -> Row:
@@ -122,8 +127,7 @@ def extractive_qa(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     rng.shuffle(stated)
     context = " ".join(say_fact(rng, n, r, v) for n, r, v in stated)
     name, rel, value = rng.choice(stated)
-    return {"prompt": f"Context: {context}\nQuestion: {ask(rng, rel, name)}\nAnswer:",
-            "references": [value]}
+    return {"prompt": f"Context: {context}\nQuestion: {ask(rng, rel, name)}\nAnswer:", "references": [value]}
 
 
 def sentiment(world: World, rng: random.Random, facts: list[Fact]) -> Row:
@@ -135,8 +139,11 @@ def sentiment(world: World, rng: random.Random, facts: list[Fact]) -> Row:
         word = rng.choice(NEGATIVE_WORDS if positive == negate else POSITIVE_WORDS)
         clauses.append(f"{subject} was {'not ' if negate else ''}{word}")
     text = f"I went to a {item} in {rng.choice(world.cities)}. {clauses[0].capitalize()} and {clauses[1]}."
-    return {"context": f"Review: {text}\nQuestion: Is this review positive or negative?\nAnswer:",
-            "choices": ["positive", "negative"], "gold": 0 if positive else 1}
+    return {
+        "context": f"Review: {text}\nQuestion: Is this review positive or negative?\nAnswer:",
+        "choices": ["positive", "negative"],
+        "gold": 0 if positive else 1,
+    }
 
 
 def topic(world: World, rng: random.Random, facts: list[Fact]) -> Row:
@@ -144,20 +151,31 @@ def topic(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     gold = rng.randrange(len(names))
     w = rng.sample(TOPICS[names[gold]], 3)
     person = rng.choice(world.people).first
-    text = rng.choice((f"{person} talked about the {w[0]}, the {w[1]} and the {w[2]}.",
-                       f"The {w[0]} and the {w[1]} were in the news, and so was the {w[2]}.",
-                       f"Yesterday {person} wrote about the {w[0]} and the {w[1]} near the {w[2]}."))
-    return {"context": f"Text: {text}\nQuestion: What is the topic of the text?\nAnswer:", "choices": names,
-            "gold": gold}
+    text = rng.choice(
+        (
+            f"{person} talked about the {w[0]}, the {w[1]} and the {w[2]}.",
+            f"The {w[0]} and the {w[1]} were in the news, and so was the {w[2]}.",
+            f"Yesterday {person} wrote about the {w[0]} and the {w[1]} near the {w[2]}.",
+        )
+    )
+    return {
+        "context": f"Text: {text}\nQuestion: What is the topic of the text?\nAnswer:",
+        "choices": names,
+        "gold": gold,
+    }
 
 
 def struct_to_text(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     name, vals = _counterfactual_people(world, rng, 1)[0]
     rels = sorted(rng.sample(RELATIONS, rng.randint(2, 3)), key=RELATIONS.index)
     record = " | ".join([f"name: {name}"] + [f"{r}: {vals[r]}" for r in rels])
-    phrases = {"city": f"lives in {vals['city']}", "job": f"works as {article(vals['job'])}",
-               "food": f"likes {vals['food']}", "pet": f"has {article(vals['pet'])}",
-               "item": f"owns {article(vals['item'])}"}
+    phrases = {
+        "city": f"lives in {vals['city']}",
+        "job": f"works as {article(vals['job'])}",
+        "food": f"likes {vals['food']}",
+        "pet": f"has {article(vals['pet'])}",
+        "item": f"owns {article(vals['item'])}",
+    }
     parts = [phrases[r] for r in rels]
     sentence = f"{name} {', '.join(parts[:-1])} and {parts[-1]}."
     return {"prompt": f"Record: {record}\nSentence:", "references": [sentence]}
@@ -165,13 +183,23 @@ def struct_to_text(world: World, rng: random.Random, facts: list[Fact]) -> Row:
 
 def summarisation(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     name, vals = _counterfactual_people(world, rng, 1)[0]
-    event = rng.choice((f"moved to {vals['city']}", f"became {article(vals['job'])}",
-                        f"adopted {article(vals['pet'])}", f"bought {article(vals['item'])}"))
-    when = rng.choice(("Last year", "After a long trip", "In the spring", "One cold morning", "Two weeks ago"))
+    event = rng.choice(
+        (
+            f"moved to {vals['city']}",
+            f"became {article(vals['job'])}",
+            f"adopted {article(vals['pet'])}",
+            f"bought {article(vals['item'])}",
+        )
+    )
+    when = rng.choice(
+        ("Last year", "After a long trip", "In the spring", "One cold morning", "Two weeks ago")
+    )
     why = rng.choice(("to start a new life", "after much thought", "with the help of a friend", "at last"))
     key = f"{when}, {name} {event} {why}."
     fillers = rng.sample(FILLER_SENTENCES, 3)
-    text = " ".join([*fillers[:1], key, *fillers[1:]] if rng.random() < 0.5 else [*fillers[:2], key, fillers[2]])
+    text = " ".join(
+        [*fillers[:1], key, *fillers[1:]] if rng.random() < 0.5 else [*fillers[:2], key, fillers[2]]
+    )
     return {"prompt": f"Text: {text}\nSummary:", "references": [f"{name} {event}."]}
 
 
@@ -188,12 +216,15 @@ def paraphrase(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     s1 = say_fact(rng, p.name, rel, value, template=t1)
     if same:
         s2 = say_fact(rng, p.name, rel, value, template=t2)
-    elif rng.random() < 2 / 3:
+    elif rng.random() < 0.75:
         s2 = deny_fact(p.name, rel, value)
     else:
         s2 = say_fact(rng, p.name, rel, rng.choice([v for v in pools[rel] if v != value]), template=t2)
-    return {"context": f"Sentence 1: {s1}\nSentence 2: {s2}\nQuestion: Do both sentences mean the same?\nAnswer:",
-            "choices": ["yes", "no"], "gold": 0 if same else 1}
+    return {
+        "context": f"Sentence 1: {s1}\nSentence 2: {s2}\nQuestion: Do both sentences mean the same?\nAnswer:",
+        "choices": ["yes", "no"],
+        "gold": 0 if same else 1,
+    }
 
 
 # --- held out ----------------------------------------------------------------------------------------------
@@ -204,19 +235,31 @@ def completion(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     pools = value_pools(world.cities)
     name, pron, poss, job = p.name, p.pronoun, p.possessive, article(p.job)
     if kind == "workplace":
-        story = rng.choice((f"{name} is {job}. Every morning {pron} walks to the",
-                            f"As {job}, {name} spends most days at the",
-                            f"{name} went to work early. Being {job}, {pron} was the first to arrive at the"))
+        story = rng.choice(
+            (
+                f"{name} is {job}. Every morning {pron} walks to the",
+                f"As {job}, {name} spends most days at the",
+                f"{name} went to work early. Being {job}, {pron} was the first to arrive at the",
+            )
+        )
         answer, pool = workplace(p.job), [w for w, _ in JOBS.values()]
     elif kind == "food":
-        story = rng.choice((f"{name} was hungry after work. So {pron} went home and cooked some",
-                            f"For dinner {name} ordered {poss} favorite food, which is",
-                            f"At the market {name} bought what {pron} likes most:"))
+        story = rng.choice(
+            (
+                f"{name} was hungry after work. So {pron} went home and cooked some",
+                f"For dinner {name} ordered {poss} favorite food, which is",
+                f"At the market {name} bought what {pron} likes most:",
+            )
+        )
         answer, pool = p.food, pools["food"]
     else:
-        story = rng.choice((f"{name} came home late. The first thing {pron} did was to feed {poss}",
-                            f"{name} took a walk in the park. Everyone there likes {poss}",
-                            f"The neighbours of {name} often hear the noise of {poss}"))
+        story = rng.choice(
+            (
+                f"{name} came home late. The first thing {pron} did was to feed {poss}",
+                f"{name} took a walk in the park. Everyone there likes {poss}",
+                f"The neighbours of {name} often hear the noise of {poss}",
+            )
+        )
         answer, pool = p.pet, pools["pet"]
     choices = [answer, *rng.sample([v for v in pool if v != answer], 3)]
     rng.shuffle(choices)
@@ -242,9 +285,12 @@ def nli(world: World, rng: random.Random, facts: list[Fact]) -> Row:
         elif kind == "neutral":
             value = rng.choice(pools[rel])  # true or not in the world, the premise does not say
         hypothesis = say_fact(rng, p.name, rel, value, template=rng.randrange(1, 4))
-    return {"context": f"Premise: {premise}\nHypothesis: {hypothesis}\n"
-                       "Question: Does the premise imply the hypothesis? yes or no?\nAnswer:",
-            "choices": ["yes", "no"], "gold": 0 if kind == "entailment" else 1}
+    return {
+        "context": f"Premise: {premise}\nHypothesis: {hypothesis}\n"
+        "Question: Does the premise imply the hypothesis? yes or no?\nAnswer:",
+        "choices": ["yes", "no"],
+        "gold": 0 if kind == "entailment" else 1,
+    }
 
 
 def coreference(world: World, rng: random.Random, facts: list[Fact]) -> Row:
@@ -252,13 +298,23 @@ def coreference(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     b = rng.choice([p for p in world.people if p.pronoun != a.pronoun])
     first, second = rng.sample((a, b), 2)
     actor = rng.choice((a, b))
-    action = rng.choice((f"ordered some {rng.choice(value_pools(world.cities)['food'])}",
-                         f"paid for the {rng.choice(REVIEW_ITEMS)}", "told a long story", "left early",
-                         f"talked about {rng.choice(world.cities)}", "laughed loudly"))
+    action = rng.choice(
+        (
+            f"ordered some {rng.choice(value_pools(world.cities)['food'])}",
+            f"paid for the {rng.choice(REVIEW_ITEMS)}",
+            "told a long story",
+            "left early",
+            f"talked about {rng.choice(world.cities)}",
+            "laughed loudly",
+        )
+    )
     text = f"{first.name} and {second.name} met in {rng.choice(world.cities)}. {actor.pronoun.capitalize()} {action}."
     choices = [first.name, second.name]
-    return {"context": f"Text: {text}\nQuestion: Who {action}?\nAnswer:", "choices": choices,
-            "gold": choices.index(actor.name)}
+    return {
+        "context": f"Text: {text}\nQuestion: Who {action}?\nAnswer:",
+        "choices": choices,
+        "gold": choices.index(actor.name),
+    }
 
 
 def wsd(world: World, rng: random.Random, facts: list[Fact]) -> Row:
@@ -267,11 +323,18 @@ def wsd(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     gold = rng.randrange(2)
     c = rng.sample(senses[gold][1], 2)
     name = rng.choice(world.people).first
-    sentence = rng.choice((f"{name} saw the {word} near the {c[0]} and the {c[1]}.",
-                           f"The {word} was next to the {c[0]}, and the {c[1]} was close by.",
-                           f"After the {c[0]}, {name} looked at the {word} and the {c[1]}."))
-    return {"context": f"Sentence: {sentence}\nQuestion: What does the word {word} mean here?\nAnswer:",
-            "choices": [gloss for gloss, _ in senses], "gold": gold}
+    sentence = rng.choice(
+        (
+            f"{name} saw the {word} near the {c[0]} and the {c[1]}.",
+            f"The {word} was next to the {c[0]}, and the {c[1]} was close by.",
+            f"After the {c[0]}, {name} looked at the {word} and the {c[1]}.",
+        )
+    )
+    return {
+        "context": f"Sentence: {sentence}\nQuestion: What does the word {word} mean here?\nAnswer:",
+        "choices": [gloss for gloss, _ in senses],
+        "gold": gold,
+    }
 
 
 GEN_QA = ("exact_match", "f1", "rouge_l")
@@ -323,15 +386,27 @@ def _it_fact_check(world: World, rng: random.Random) -> tuple[str, str]:
     p = rng.choice(world.people)
     rel = rng.choice(RELATIONS)
     true = rng.random() < 0.5
-    value = value_of(p, rel) if true else rng.choice([v for v in value_pools(world.cities)[rel] if v != value_of(p, rel)])
-    return (f"Statement: {say_fact(rng, p.name, rel, value)}\nQuestion: Is this statement true?\nAnswer:",
-            "yes" if true else "no")
+    value = (
+        value_of(p, rel)
+        if true
+        else rng.choice([v for v in value_pools(world.cities)[rel] if v != value_of(p, rel)])
+    )
+    return (
+        f"Statement: {say_fact(rng, p.name, rel, value)}\nQuestion: Is this statement true?\nAnswer:",
+        "yes" if true else "no",
+    )
 
 
 def _it_typing(world: World, rng: random.Random) -> tuple[str, str]:
-    kinds = {"person": [p.name for p in world.people], "city": list(world.cities), "country": list(world.countries),
-             "food": list(value_pools(world.cities)["food"]), "animal": list(value_pools(world.cities)["pet"]),
-             "object": list(value_pools(world.cities)["item"]), "job": sorted(JOBS)}
+    kinds = {
+        "person": [p.name for p in world.people],
+        "city": list(world.cities),
+        "country": list(world.countries),
+        "food": list(value_pools(world.cities)["food"]),
+        "animal": list(value_pools(world.cities)["pet"]),
+        "object": list(value_pools(world.cities)["item"]),
+        "job": sorted(JOBS),
+    }
     if rng.random() < 0.4:
         t = rng.choice(sorted(TOPICS))
         return (f"Question: Which topic does the word {rng.choice(TOPICS[t])} belong to?\nAnswer:", t)
@@ -363,8 +438,18 @@ def _it_polarity(world: World, rng: random.Random) -> tuple[str, str]:
     return f"Question: Is the word {word} good or bad?\nAnswer:", "good" if good else "bad"
 
 
-OPPOSITES = (("good", "bad"), ("hot", "cold"), ("big", "small"), ("early", "late"), ("happy", "sad"),
-             ("old", "new"), ("long", "short"), ("light", "dark"), ("first", "last"), ("open", "closed"))
+OPPOSITES = (
+    ("good", "bad"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("early", "late"),
+    ("happy", "sad"),
+    ("old", "new"),
+    ("long", "short"),
+    ("light", "dark"),
+    ("first", "last"),
+    ("open", "closed"),
+)
 
 
 def _it_opposite(world: World, rng: random.Random) -> tuple[str, str]:
@@ -373,7 +458,15 @@ def _it_opposite(world: World, rng: random.Random) -> tuple[str, str]:
     return f"Question: What is the opposite of {word}?\nAnswer:", answer
 
 
-INSTRUCTION_KINDS = (_it_fact_check, _it_typing, _it_counting, _it_copy, _it_pronoun, _it_polarity, _it_opposite)
+INSTRUCTION_KINDS = (
+    _it_fact_check,
+    _it_typing,
+    _it_counting,
+    _it_copy,
+    _it_pronoun,
+    _it_polarity,
+    _it_opposite,
+)
 
 
 def instruction_mixture(world: World, n: int) -> list[dict[str, str]]:

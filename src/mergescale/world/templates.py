@@ -14,15 +14,36 @@ RELATIONS = ("city", "job", "food", "pet", "item")
 
 # relation -> ways of stating "<name> <relation> <value>"; {a} is the value with its article ("a cat", "an owl").
 FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "city": ("{name} lives in {value}.", "{name} is from {value}.", "The home of {name} is in {value}.",
-             "{name} has a house in {value}."),
-    "job": ("{name} works as {a}.", "{name} is {a}.", "By trade, {name} is {a}.", "{name} earns a living as {a}."),
-    "food": ("{name} likes {value}.", "{name} loves to eat {value}.", "The favorite food of {name} is {value}.",
-             "{name} often eats {value}."),
-    "pet": ("{name} has {a}.", "{name} keeps {a} as a pet.", "The pet of {name} is {a}.",
-            "{name} takes care of {a}."),
-    "item": ("{name} owns {a}.", "{name} bought {a}.", "There is {a} in the house of {name}.",
-             "{name} has an old {value}."),
+    "city": (
+        "{name} lives in {value}.",
+        "{name} is from {value}.",
+        "The home of {name} is in {value}.",
+        "{name} has a house in {value}.",
+    ),
+    "job": (
+        "{name} works as {a}.",
+        "{name} is {a}.",
+        "By trade, {name} is {a}.",
+        "{name} earns a living as {a}.",
+    ),
+    "food": (
+        "{name} likes {value}.",
+        "{name} loves to eat {value}.",
+        "The favorite food of {name} is {value}.",
+        "{name} often eats {value}.",
+    ),
+    "pet": (
+        "{name} has {a}.",
+        "{name} keeps {a} as a pet.",
+        "The pet of {name} is {a}.",
+        "{name} takes care of {a}.",
+    ),
+    "item": (
+        "{name} owns {a}.",
+        "{name} bought {a}.",
+        "There is {a} in the house of {name}.",
+        "{name} has an old {value}.",
+    ),
 }
 
 # The negation of a fact (paraphrase identification and inference: "does not" changes the meaning).
@@ -45,13 +66,33 @@ PRONOUN_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 # relation -> ways of asking for the value; {name} is the subject (a person, a city, a job).
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "city": ("Which city does {name} live in?", "Where does {name} live?", "In which city is the home of {name}?"),
+    "city": (
+        "Which city does {name} live in?",
+        "Where does {name} live?",
+        "In which city is the home of {name}?",
+    ),
     "job": ("What is the job of {name}?", "What does {name} do for a living?", "What work does {name} do?"),
-    "food": ("What food does {name} like?", "What does {name} like to eat?", "What is the favorite food of {name}?"),
-    "pet": ("What pet does {name} have?", "Which animal does {name} keep?", "What animal does {name} take care of?"),
+    "food": (
+        "What food does {name} like?",
+        "What does {name} like to eat?",
+        "What is the favorite food of {name}?",
+    ),
+    "pet": (
+        "What pet does {name} have?",
+        "Which animal does {name} keep?",
+        "What animal does {name} take care of?",
+    ),
     "item": ("What does {name} own?", "What object does {name} have?", "What did {name} buy?"),
-    "country": ("Which country is {name} in?", "In which country does {name} lie?", "{name} is a city in which country?"),
-    "workplace": ("Where does {name} work?", "At which place does {name} work?", "Where does {name} go to work?"),
+    "country": (
+        "Which country is {name} in?",
+        "In which country does {name} lie?",
+        "{name} is a city in which country?",
+    ),
+    "workplace": (
+        "Where does {name} work?",
+        "At which place does {name} work?",
+        "Where does {name} go to work?",
+    ),
 }
 
 
@@ -95,5 +136,10 @@ def random_value(rng: random.Random, relation: str, pools: dict[str, list[str]])
 
 def value_pools(cities: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
     """relation -> every value it can take in a world with these cities."""
-    return {"city": list(cities), "job": sorted(JOBS), "food": list(FOODS), "pet": list(ANIMALS),
-            "item": list(OBJECTS)}
+    return {
+        "city": list(cities),
+        "job": sorted(JOBS),
+        "food": list(FOODS),
+        "pet": list(ANIMALS),
+        "item": list(OBJECTS),
+    }

@@ -53,7 +53,9 @@ class _ReportSteps(TrainerCallback):
         self.report(state.global_step, state.max_steps, self.loss)
 
 
-def new_model(size: ModelSize, tokenizer: PreTrainedTokenizerFast, max_length: int, seed: int) -> LlamaForCausalLM:
+def new_model(
+    size: ModelSize, tokenizer: PreTrainedTokenizerFast, max_length: int, seed: int
+) -> LlamaForCausalLM:
     """A freshly initialised Llama of this size (tied embeddings: at these sizes they are most of the weights)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -88,7 +90,9 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _args(out: Path, *, steps: int, batch_size: int, seed: int, save_steps: int | None, **extra: Any) -> TrainingArguments:
+def _args(
+    out: Path, *, steps: int, batch_size: int, seed: int, save_steps: int | None, **extra: Any
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
@@ -109,11 +113,26 @@ def _args(out: Path, *, steps: int, batch_size: int, seed: int, save_steps: int 
     )
 
 
-def _trainer(model: Any, args: TrainingArguments, data: Dataset, tokenizer: Any, *, report: StepReporter | None,
-             callbacks: Sequence[TrainerCallback] = (), optimizers: tuple = (None, None),
-             collator: Any = None) -> Trainer:
-    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                      data_collator=collator, callbacks=list(callbacks), optimizers=optimizers)
+def _trainer(
+    model: Any,
+    args: TrainingArguments,
+    data: Dataset,
+    tokenizer: Any,
+    *,
+    report: StepReporter | None,
+    callbacks: Sequence[TrainerCallback] = (),
+    optimizers: tuple = (None, None),
+    collator: Any = None,
+) -> Trainer:
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=list(callbacks),
+        optimizers=optimizers,
+    )
     trainer.remove_callback(PrinterCallback)  # progress goes to the caller's bar, not to stdout
     if report is not None:
         trainer.add_callback(_ReportSteps(report))
@@ -128,9 +147,18 @@ def pma_callbacks(start_step: int) -> list[TrainerCallback]:
     return [PMACallback(strategy="sma", every=1, start_step=start_step)]
 
 
-def pretrain_stable(model: LlamaForCausalLM, tokenizer: Any, blocks: Dataset, settings: PretrainSettings,
-                    out: Path, *, lr_scale: float, seed: int, pma_start: int = 0,
-                    report: StepReporter | None = None) -> None:
+def pretrain_stable(
+    model: LlamaForCausalLM,
+    tokenizer: Any,
+    blocks: Dataset,
+    settings: PretrainSettings,
+    out: Path,
+    *,
+    lr_scale: float,
+    seed: int,
+    pma_start: int = 0,
+    report: StepReporter | None = None,
+) -> None:
     """Warmup then constant rate; Trainer checkpoints every ``checkpoint_every`` steps under ``out``, and the
     online average of the steps from ``pma_start`` on beside them."""
     lr = settings.lr * lr_scale
@@ -138,14 +166,32 @@ def pretrain_stable(model: LlamaForCausalLM, tokenizer: Any, blocks: Dataset, se
     opt = _optimizer(model, lr, settings.weight_decay)
     warmup = max(1, settings.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    args = _args(out, steps=steps, batch_size=settings.batch_size, seed=seed, save_steps=settings.checkpoint_every)
-    trainer = _trainer(model, args, blocks, tokenizer, report=report, callbacks=pma_callbacks(pma_start),
-                       optimizers=(opt, sched))
+    args = _args(
+        out, steps=steps, batch_size=settings.batch_size, seed=seed, save_steps=settings.checkpoint_every
+    )
+    trainer = _trainer(
+        model,
+        args,
+        blocks,
+        tokenizer,
+        report=report,
+        callbacks=pma_callbacks(pma_start),
+        optimizers=(opt, sched),
+    )
     trainer.train()
 
 
-def anneal(checkpoint: Path, tokenizer: Any, blocks: Dataset, settings: PretrainSettings, out: Path, *,
-           lr_scale: float, seed: int, report: StepReporter | None = None) -> None:
+def anneal(
+    checkpoint: Path,
+    tokenizer: Any,
+    blocks: Dataset,
+    settings: PretrainSettings,
+    out: Path,
+    *,
+    lr_scale: float,
+    seed: int,
+    report: StepReporter | None = None,
+) -> None:
     """Decay the rate linearly from its peak to zero over ``anneal_steps``, starting from ``checkpoint`` (weights
     and optimizer state); the annealed model is saved in ``out``."""
     model = LlamaForCausalLM.from_pretrained(checkpoint)
@@ -153,8 +199,8 @@ def anneal(checkpoint: Path, tokenizer: Any, blocks: Dataset, settings: Pretrain
     state = checkpoint / "optimizer.pt"
     if state.is_file():  # momentum carried over: the anneal continues the run rather than restarting it
         opt.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
-        for group in opt.param_groups:
-            group["lr"] = settings.lr * lr_scale
+        for group in opt.param_groups:  # this run's peak rate (the stable phase's is stored as initial_lr)
+            group["lr"] = group["initial_lr"] = settings.lr * lr_scale
     n = settings.anneal_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / n))
     args = _args(out / "_trainer", steps=n, batch_size=settings.batch_size, seed=seed + 1, save_steps=None)
@@ -171,10 +217,17 @@ class _BestOnValidation(TrainerCallback):
     one. The best weights are kept and put back at the end; training stops after ``patience`` checks without
     improvement (ties go to the lower answer loss)."""
 
-    def __init__(self, validation: SupervisedDataset, collator: PadCollator, every: int, patience: int) -> None:
+    def __init__(
+        self,
+        validation: SupervisedDataset,
+        collator: PadCollator,
+        every: int,
+        patience: int,
+        min_steps: int = 0,
+    ) -> None:
         self.batch = collator([validation[i] for i in range(len(validation))])
         self.candidates = validation.candidates
-        self.every, self.patience = every, patience
+        self.every, self.patience, self.min_steps = every, patience, min_steps
         self.best: tuple[float, float] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_step = 0
@@ -202,14 +255,15 @@ class _BestOnValidation(TrainerCallback):
         return sum(right) / len(right), -nll
 
     def check(self, model: Any, step: int) -> bool:
-        """Score now; True when training should stop."""
+        """Score now; True when training should stop (all answers right, or no progress for ``patience`` checks
+        once ``min_steps`` are done)."""
         score = self.score(model)
         if self.best is None or score > self.best:
             self.best, self.best_step, self.stale = score, step, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.stale += 1
-        return self.stale >= self.patience or score[0] == 1.0
+        return score[0] == 1.0 or (self.stale >= self.patience and step >= self.min_steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None and state.global_step % self.every == 0 and self.check(model, state.global_step):
@@ -224,9 +278,18 @@ class _BestOnValidation(TrainerCallback):
             model.load_state_dict(self.best_state)
 
 
-def finetune(base: Path, tokenizer: Any, data: Dataset, settings: FinetuneSettings, out: Path, *,
-             lr_scale: float, seed: int, validation: SupervisedDataset | None = None,
-             report: StepReporter | None = None) -> dict[str, Any]:
+def finetune(
+    base: Path,
+    tokenizer: Any,
+    data: Dataset,
+    settings: FinetuneSettings,
+    out: Path,
+    *,
+    lr_scale: float,
+    seed: int,
+    validation: SupervisedDataset | None = None,
+    report: StepReporter | None = None,
+) -> dict[str, Any]:
     """Full fine-tune of ``base`` on ``data`` (answers only); the result is saved in ``out``.
 
     Schedule: linear warmup, a constant rate, and a linear decay to zero over the last ``decay_fraction`` of the
@@ -248,11 +311,21 @@ def finetune(base: Path, tokenizer: Any, data: Dataset, settings: FinetuneSettin
     callbacks: list[TrainerCallback] = []
     selector = None
     if validation is not None and len(validation) and settings.eval_every:
-        selector = _BestOnValidation(validation, collator, settings.eval_every, settings.patience)
+        selector = _BestOnValidation(
+            validation, collator, settings.eval_every, settings.patience, settings.min_steps
+        )
         callbacks.append(selector)
     args = _args(out / "_trainer", steps=steps, batch_size=settings.batch_size, seed=seed, save_steps=None)
-    trainer = _trainer(model, args, data, tokenizer, report=report, collator=collator, optimizers=(opt, sched),
-                       callbacks=callbacks)
+    trainer = _trainer(
+        model,
+        args,
+        data,
+        tokenizer,
+        report=report,
+        collator=collator,
+        optimizers=(opt, sched),
+        callbacks=callbacks,
+    )
     state = trainer.train()
     trainer.save_model(str(out))
     shutil.rmtree(out / "_trainer", ignore_errors=True)
