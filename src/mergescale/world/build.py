@@ -473,8 +473,11 @@ def _run_parallel(
                 ):
                     raise RuntimeError(f"stages with unmet dependencies: {', '.join(pending)}")
         except BaseException:
-            for future in running:
-                future.cancel()
+            # Interrupted or a stage failed: stop the workers now rather than wait for their stages (each stage
+            # is atomic, so a killed one is simply redone by the next build).
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             _drain(events, report)
@@ -510,7 +513,8 @@ def build_world(
         preset: ``"quick"``, ``"full"``, ``"micro"`` (tests) or a :class:`Preset`.
         seed: the world's seed (entities, tasks, corpus, initialisation, data order).
         workers: processes running stages side by side (default: :func:`default_workers`); 1 runs every stage
-            in this process.
+            in this process. Workers are spawned, so a script that calls this with workers > 1 needs the usual
+            ``if __name__ == "__main__":`` guard.
         threads: torch CPU threads per process (default 1, see ``DEFAULT_THREADS``).
         report: called as ``report(stage, step, total, loss)`` for progress (step 0 = the stage starts, -1 = it
             is over).
