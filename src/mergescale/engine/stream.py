@@ -5,10 +5,12 @@ Order of work, with three threads so reading, computing and writing overlap:
 1. **read** (background thread): for each tensor name, each needed source's tensor is read in its stored dtype,
    checked for NaN/Inf, and queued. A byte budget bounds what is in flight, so memory follows the largest
    tensor, not the model size.
-2. **compute** (calling thread, on ``device``): each arriving input is immediately folded into every output that
-   uses it: added into a float32 accumulator for linear methods (then dropped: k inputs never coexist), or
-   copied into that output's ``(k, *shape)`` float32 stack for the others. When a name's last input has
-   arrived, non-linear methods run on their stacks.
+2. **compute** (calling thread, on ``device``): inputs of linear methods wait, in their stored dtype, until a
+   name's last input has arrived (or a byte budget is reached), then every linear output is computed from them
+   in one pass of cache-sized chunks (:mod:`.linear_fold`; a float32 accumulator carries partial sums only when
+   the budget splits a name's inputs, so memory does not grow with the number of inputs). Inputs of the other
+   methods are converted straight into that output's ``(k, *shape)`` float32 stack, and when a name's last
+   input has arrived the method runs on it.
 3. **write** (background thread): each result, cast to its output dtype, is handed to its sink.
 
 Any error or Ctrl-C aborts every sink, so no output folder is left behind.
@@ -17,14 +19,17 @@ Any error or Ctrl-C aborts every sink, so no output folder is left behind.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from mergescale.engine.linear_fold import fold_weighted
 from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
 from mergescale.errors import NonFiniteError
 from mergescale.methods.base import MethodInputs
@@ -79,7 +84,9 @@ class _OutputState:
 
     spec: OutputSpec
     coefficients: dict[int, float] | None = None  # source -> coefficient, for linear methods
-    acc: torch.Tensor | None = None  # (*shape) float32 accumulator of linear methods
+    acc: torch.Tensor | None = None  # (*shape) float32 partial sum of linear methods (or a non-float reference)
+    result: torch.Tensor | None = None  # (*shape) output dtype: a linear method's finished tensor
+    result_sum: float = 0.0  # sum of the float32 result: non-finite iff an entry is
     stack: torch.Tensor | None = None  # (k, *shape) float32 inputs of non-linear methods
     base: torch.Tensor | None = None  # (*shape) float32
     model_params: list = field(default_factory=list)
@@ -153,6 +160,7 @@ def run_plan(
     progress: bool | Callable[[int, int], None] = True,
     prefetch_bytes: int = 256 << 20,
     threads: int | None = 1,
+    workers: int | None = None,
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -167,6 +175,8 @@ def run_plan(
             casting and writing already run in three threads, and methods work in cache-sized chunks whose
             many small ops lose more to waking an OpenMP team than they gain from it (a TIES merge of one
             32000x1024 tensor of 4 experts: 1.3 s with 1 thread, 12-30 s with 2 on a busy 2-core machine).
+        workers: threads that share the chunks of linear methods' weighted sums (default: the CPU count, at
+            most 4). Each runs torch single-threaded on its own slice, so no OpenMP team is woken.
 
     Returns:
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
@@ -184,15 +194,17 @@ def run_plan(
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
-    to_float32 = device.type == "cpu" and _all_linear(plan)
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, to_float32), daemon=True)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
+    folder = _LinearFolder(plan, budget, device, pool, n_workers)
     try:
         reader.start()
         writer.start()
         with bar:
-            for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite):
+            for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite, folder):
                 for out_state in state:
                     result = _finish(job, out_state, plan)
                     if check_finite and out_state.coefficients is not None:
@@ -202,7 +214,7 @@ def run_plan(
                     write_q.put((out_state.spec.sink, job.name, result))
                     # drop this job's stack now: loop variables would keep it alive while the next job's
                     # stack is allocated, doubling the peak memory of stacked methods
-                    out_state.stack = out_state.base = out_state.acc = None
+                    out_state.stack = out_state.base = out_state.acc = out_state.result = None
                     del result
                     if errors:
                         raise errors[0]
@@ -224,6 +236,8 @@ def run_plan(
             out.sink.abort()
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
         for src in plan.sources:
             src.close()
@@ -231,24 +245,15 @@ def run_plan(
     return stats
 
 
-def _all_linear(plan: MergePlan) -> bool:
-    return all(out.method.linear_coefficients is not None for out in plan.outputs)
-
-
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, to_float32: bool) -> None:
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for src in job.sources:
                 t = plan.sources[src].read(job.name)
-                read_bytes = t.numel() * t.element_size()
-                if to_float32 and t.is_floating_point():
-                    # converting here, beside the accumulation, uses the second core; stacked methods
-                    # convert while copying into their stack instead, so no float32 copy waits in the queue
-                    t = t.to(torch.float32)
                 nbytes = t.numel() * t.element_size()
                 if not budget.acquire(nbytes):
                     return
-                read_q.put((j, src, t, nbytes, read_bytes))
+                read_q.put((j, src, t, nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
         read_q.put(exc)
@@ -297,6 +302,7 @@ def _consume(
     bar: _Progress,
     stats: StreamStats,
     check_finite: bool,
+    folder: _LinearFolder,
 ) -> Iterator[tuple[TensorJob, list[_OutputState]]]:
     current: int | None = None
     states: list[_OutputState] = []
@@ -307,37 +313,95 @@ def _consume(
             return
         if isinstance(item, BaseException):
             raise item
-        j, src, t, nbytes, read_bytes = item
+        j, src, t, nbytes = item
         job = plan.jobs[j]
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
         x = t.to(device, non_blocking=True)
-        xf: torch.Tensor | None = x if x.dtype == torch.float32 or not x.is_floating_point() else None
+        del t
         for st in states:
-            # one float32 copy shared by the linear outputs: mixed-dtype in-place adds are several times slower
-            if xf is None and st.coefficients is not None and src in st.coefficients:
-                xf = x.to(torch.float32)
-            placed = _fold(st, job, src, x, xf)
+            placed = _fold_stacked(st, job, src, x)
             if check_finite and placed is not None:
-                # stacked inputs are checked where they landed; linear outputs once on their result (_finish)
+                # stacked inputs are checked where they landed; linear outputs once on their result
                 _check_finite(plan.labels[src], job.name, placed)
             placed = None  # a view of the stack: it must not outlive the job
-        del x, xf, t
-        budget.release(nbytes)
-        stats.bytes_read += read_bytes
-        bar.advance(read_bytes)
         remaining -= 1
+        if job.dtype.is_floating_point and any(src in (st.coefficients or ()) for st in states):
+            folder.add(src, x, nbytes)  # the budget is released when the input is folded
+        else:
+            budget.release(nbytes)
+        del x
+        if remaining == 0 or folder.full():
+            folder.fold(job, states, final=remaining == 0)
+        stats.bytes_read += nbytes
+        bar.advance(nbytes)
         if remaining == 0:
             yield job, states
             bar.tensor_done()
             current, states = None, []
 
 
-def _fold(
-    st: _OutputState, job: TensorJob, src: int, x: torch.Tensor, xf: torch.Tensor | None
-) -> torch.Tensor | None:
-    """Fold one input into an output's state: add ``xf`` (its float32 copy) to the accumulator of a linear
-    method, or convert ``x`` straight into its slot of a stacked method's ``(k, *shape)`` float32 stack.
+class _LinearFolder:
+    """Holds a tensor name's inputs of linear methods in their stored dtype and folds them into every linear
+    output at once (:func:`~mergescale.engine.linear_fold.fold_weighted`): when the name's last input has
+    arrived, or earlier into a float32 partial sum when they hold half the prefetch budget, so a 10-checkpoint
+    average never holds 10 copies of its largest tensor."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        budget: _ByteBudget,
+        device: torch.device,
+        pool: Executor | None,
+        workers: int,
+    ) -> None:
+        self.plan, self.budget, self.device = plan, budget, device
+        self.pool, self.workers = pool, workers
+        self.limit = max(budget.limit // 2, 1)
+        self.pending: list[tuple[int, torch.Tensor, int]] = []
+        self.pending_bytes = 0
+
+    def add(self, src: int, x: torch.Tensor, nbytes: int) -> None:
+        self.pending.append((src, x, nbytes))
+        self.pending_bytes += nbytes
+
+    def full(self) -> bool:
+        return self.pending_bytes >= self.limit
+
+    def fold(self, job: TensorJob, states: list[_OutputState], *, final: bool) -> None:
+        linear = [st for st in states if st.coefficients is not None and job.dtype.is_floating_point]
+        if not linear or (not self.pending and not final):
+            return
+        srcs = [src for src, _, _ in self.pending]
+        inputs = [x for _, x, _ in self.pending]
+        if not inputs:  # final, with everything already in the partial sums
+            for st in linear:
+                st.result = st.acc.to(self.plan.output_dtype(st.spec, job))
+                st.result_sum = float(st.acc.sum())
+                st.acc = None
+            return
+        terms = [[(i, st.coefficients[s]) for i, s in enumerate(srcs) if s in st.coefficients] for st in linear]
+        priors = [st.acc for st in linear]  # float32 partial sums of earlier inputs, or None
+        for st in linear:
+            if final:
+                st.result = torch.empty(job.shape, dtype=self.plan.output_dtype(st.spec, job), device=self.device)
+            elif st.acc is None:
+                st.acc = torch.empty(job.shape, dtype=torch.float32, device=self.device)
+        targets = [st.result if final else st.acc for st in linear]
+        sums = fold_weighted(inputs, terms, targets, priors, pool=self.pool, workers=self.workers)
+        del priors
+        if final:
+            for st, total in zip(linear, sums, strict=True):
+                st.result_sum, st.acc = total, None
+        del inputs
+        self.pending.clear()
+        self.budget.release(self.pending_bytes)
+        self.pending_bytes = 0
+
+
+def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Fold one input into a non-linear output's state: convert ``x`` straight into its slot of the
+    ``(k, *shape)`` float32 stack (and the base), or keep it as the reference of a non-float tensor.
 
     Returns the float32 tensor the input became in a stack or base (to be checked for NaN/Inf), else None.
     """
@@ -347,17 +411,10 @@ def _fold(
             st.acc = x
         return None
     if st.coefficients is not None:
-        c = st.coefficients.get(src)
-        if c is not None:
-            assert xf is not None
-            if st.acc is None:
-                st.acc = xf * c  # (*shape) float32; the first term initialises it, no zero fill
-            else:
-                st.acc.add_(xf, alpha=c)
         return None
     placed = None
     if src == spec.base:
-        st.base = placed = xf if xf is not None else x.to(torch.float32)
+        st.base = placed = x.to(torch.float32)
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:
@@ -369,20 +426,25 @@ def _fold(
 
 
 def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, result: torch.Tensor) -> None:
-    """A weighted sum is non-finite iff an input with a coefficient was (0·NaN is NaN too), or it overflowed:
-    one check of the result replaces k checks of the inputs; the culprit is looked up only on failure."""
-    if math.isfinite(float(result.sum())) or bool(torch.isfinite(result).all()):
+    """A weighted sum is non-finite iff an input was (0·NaN is NaN too), or it overflowed: one check of the
+    result (its sum, taken while it was computed) replaces k checks of the inputs; the culprit is looked up
+    only on failure, among the output's own inputs first, then the others of the tensor."""
+    if math.isfinite(st.result_sum) or bool(torch.isfinite(result).all()):
         return
-    for src in st.coefficients or {}:
+    own = list(st.coefficients or {})
+    for src in own + [s for s in job.sources if s not in own]:
         _check_finite(plan.labels[src], job.name, plan.sources[src].read(job.name).to(torch.float32))
     raise NonFiniteError(f"{st.spec.label}: tensor {job.name!r} overflows to Inf when merged")
 
 
 def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
     spec = st.spec
-    if not job.dtype.is_floating_point or st.coefficients is not None:
+    if not job.dtype.is_floating_point:
         assert st.acc is not None, f"{job.name}: no input reached {spec.label}"
         return st.acc
+    if st.coefficients is not None:
+        assert st.result is not None, f"{job.name}: no input reached {spec.label}"
+        return st.result
     assert st.stack is not None
     inputs = MethodInputs(
         name=job.name,
