@@ -132,7 +132,7 @@ def tune_allocator() -> None:
     float32) blocks still go back to the OS: keeping those too fragmented the heap and raised the peak RSS of
     a 10-checkpoint average from about 1.05 GB to 1.5-2.0 GB, growing with the number of checkpoints.
     """
-    global _ALLOCATOR_TUNED
+    global _ALLOCATOR_TUNED, _LIBC
     if _ALLOCATOR_TUNED:
         return
     _ALLOCATOR_TUNED = True
@@ -145,11 +145,26 @@ def tune_allocator() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)
         # threads' own arenas cap heap blocks at 64 MB and fall back to mmap; one arena reuses everything
         libc.mallopt(m_arena_max, 1)
+        _LIBC = libc
     except (OSError, AttributeError):  # not glibc: keep the defaults
         pass
 
 
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``), before a large allocation.
+
+    With trimming off (:func:`tune_allocator`), pages freed by read buffers just under the mmap threshold (a
+    bf16 embedding of a 268M model is 62.5 MiB) stay resident; the float32 stack allocated next is a fresh
+    mapping, so both would count in the peak. Called only before the largest allocations, it costs little.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 _ALLOCATOR_TUNED = False
+_LIBC = None
+# allocations from this size on are preceded by :func:`release_free_heap`
+_TRIM_BEFORE_BYTES = 64 << 20
 
 
 def run_plan(
@@ -158,7 +173,7 @@ def run_plan(
     device: str | torch.device = "cpu",
     check_finite: bool = True,
     progress: bool | Callable[[int, int], None] = True,
-    prefetch_bytes: int = 256 << 20,
+    prefetch_bytes: int | None = None,
     threads: int | None = 1,
     workers: int | None = None,
 ) -> StreamStats:
@@ -169,7 +184,9 @@ def run_plan(
         device: where the arithmetic runs (``cpu``, ``cuda``, ``cuda:1``...); inputs are read on the CPU.
         check_finite: raise :class:`NonFiniteError` on NaN/Inf in any input tensor.
         progress: show a rich progress bar (True), nothing (False), or call ``fn(bytes_done, bytes_total)``.
-        prefetch_bytes: how many bytes of input may be read ahead of the computation.
+        prefetch_bytes: how many bytes of input may be read ahead of the computation (linear methods' waiting
+            inputs included). Default: 256 MB when every output is linear; 128 MB otherwise, because while a
+            stacked method works on its (k, *shape) float32 stack, whatever is read ahead adds to the peak.
         threads: torch intra-op threads for the computation while the plan runs (restored afterwards); None
             leaves torch's setting. The default of 1 is deliberate: reading and converting, computing, and
             casting and writing already run in three threads, and methods work in cache-sized chunks whose
@@ -190,6 +207,9 @@ def run_plan(
     start = time.perf_counter()
     for out in plan.outputs:
         out.sink.begin(plan.layout(out))
+    if prefetch_bytes is None:
+        all_linear = all(out.method.linear_coefficients is not None for out in plan.outputs)
+        prefetch_bytes = (256 if all_linear else 128) << 20
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=1)
@@ -207,14 +227,14 @@ def run_plan(
             for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite, folder):
                 for out_state in state:
                     result = _finish(job, out_state, plan)
+                    # drop this job's stack now, before the cast allocates: loop variables would keep it alive
+                    # while the next job's stack is allocated, doubling the peak memory of stacked methods
+                    out_state.stack = out_state.base = out_state.acc = out_state.result = None
                     if check_finite and out_state.coefficients is not None:
                         _check_linear_result(plan, job, out_state, result)
                     # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
                     result = result.to(plan.output_dtype(out_state.spec, job))
                     write_q.put((out_state.spec.sink, job.name, result))
-                    # drop this job's stack now: loop variables would keep it alive while the next job's
-                    # stack is allocated, doubling the peak memory of stacked methods
-                    out_state.stack = out_state.base = out_state.acc = out_state.result = None
                     del result
                     if errors:
                         raise errors[0]
@@ -414,10 +434,13 @@ def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -
         return None
     placed = None
     if src == spec.base:
-        st.base = placed = x.to(torch.float32)
+        # a private copy: methods may write their result into it (x may be shared, or already float32)
+        st.base = placed = x.to(torch.float32, copy=True)
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:
+            if x.device.type == "cpu" and 4 * len(spec.models) * x.numel() >= _TRIM_BEFORE_BYTES:
+                release_free_heap()
             st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
         for p in positions:
             st.stack[p].copy_(x)  # converts while copying: no float32 temporary

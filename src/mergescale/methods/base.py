@@ -75,6 +75,8 @@ class MethodInputs:
             The base model is not in it, even when the config lists it under ``models``. The engine owns this
             buffer and never reuses its contents after the call, so a method may modify it in place.
         base: ``(*shape)`` float32 tensor of the base model, or None when the config has no ``base_model``.
+            Engine-owned too (a private copy per output), so a method may modify it in place or return it as
+            its result: writing the result into it saves a tensor-sized buffer on the largest tensors.
         model_params: one dict per entry of ``tensors``: that model's parameters resolved for this tensor
             (filters and gradients applied, defaults filled in).
         params: the method's global parameters resolved for this tensor, defaults filled in.

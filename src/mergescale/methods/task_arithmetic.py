@@ -117,7 +117,9 @@ def merge_task_vectors(inputs: MethodInputs, preset: Preset) -> torch.Tensor:
 
     Order of work, so memory is swept as few times as possible: (1) per model, τᵢ = θᵢ − θ_base in place in the
     engine-owned stack, fused with finding what survives (thresholds, or the random mask applied);
-    (2) per cache-sized chunk of columns, zero the dropped entries of every τᵢ and combine them into the output.
+    (2) per cache-sized chunk of columns, zero the dropped entries of every τᵢ and combine them into the output,
+    written over the engine-owned base chunk by chunk (each base chunk is last read just before), so no
+    tensor-sized output buffer is allocated.
     """
     where = f"{preset.name}: tensor {inputs.name!r}"
     if inputs.base is None:
@@ -143,7 +145,7 @@ def merge_task_vectors(inputs: MethodInputs, preset: Preset) -> torch.Tensor:
             mp, params, name=inputs.name, default_normalize=preset.default_normalize, method=preset.name
         )
         c = torch.tensor(coefs, dtype=torch.float32, device=stack.device)  # (k,)
-        return torch.addmv(base, stack.T, c, beta=c_base).view(shape)  # (n,)
+        return base.addmv_(stack.T, c, beta=c_base).view(shape)  # (n,) c_base·θ_base + Σ cᵢθᵢ, in place
 
     # (1) task vectors and what survives of them
     rules = [KeepRule()] * k
@@ -171,20 +173,20 @@ def merge_task_vectors(inputs: MethodInputs, preset: Preset) -> torch.Tensor:
     else:
         scale = lam / _normalize_divisor(weights, normalize, where)
         c = torch.tensor([scale * x for x in coefs], dtype=torch.float32, device=dev)  # (k,)
-    out = torch.empty_like(base)  # (n,)
     n = base.numel()
     step = _chunk_columns(n, k, dev)
     for s in range(0, n, step):
         cols = stack[:, s : s + step]  # (k, c) view
+        chunk = base[s : s + step]  # (c,) θ_base, overwritten by the result
         if not sparse:
-            cols.sub_(base[s : s + step])  # τᵢ (dense TIES: consensus without trimming)
+            cols.sub_(chunk)  # τᵢ (dense TIES: consensus without trimming)
         for i, rule in enumerate(rules):
             rule.apply_(cols[i], s)
         if preset.consensus:
-            torch.add(base[s : s + step], merge(cols), alpha=lam, out=out[s : s + step])
+            chunk.add_(merge(cols), alpha=lam)
         else:
-            torch.addmv(base[s : s + step], cols.T, c, out=out[s : s + step])  # θ_base + Σ (λ/D)·δᵢ
-    return out.view(shape)
+            chunk.addmv_(cols.T, c)  # θ_base + Σ (λ/D)·δᵢ
+    return base.view(shape)
 
 
 # Columns per chunk of step (2): k rows of float32 plus a few temporaries within ~8 MiB, i.e. in L2/L3 cache.
