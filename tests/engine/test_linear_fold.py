@@ -1,4 +1,4 @@
-"""The chunked weighted-sum kernel of linear merges, and the engine's use of it."""
+"""The chunked weighted-sum kernel of linear merges."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergescale.engine import linear_fold
-from mergescale.engine.linear_fold import fold_weighted
+from mergescale.engine.linear_fold import Block, fold_blocks
 
 
 def _inputs(m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
@@ -17,55 +17,63 @@ def _inputs(m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.T
     return [torch.randn(n, generator=g).to(dtype) for _ in range(m)]
 
 
-def _reference(inputs, row, prior=None):
-    acc = None if prior is None else prior.clone()
-    for i, c in row:
-        term = inputs[i].to(torch.float32) * c
-        acc = term if acc is None else acc + term
+def _reference(inputs, rows, coefs, prior=None) -> torch.Tensor:
+    """Σⱼ cⱼ·xⱼ in float64: the formula, independent of the kernel."""
+    acc = torch.zeros(inputs[0].shape, dtype=torch.float64) if prior is None else prior.double().clone()
+    for i, c in zip(rows, coefs, strict=True):
+        acc += inputs[i].double() * c
     return acc
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_weighted_sums_equal_the_formula_across_chunks_and_workers(monkeypatch, workers):
+def test_blocks_equal_the_formula_across_chunks_and_workers(monkeypatch, workers):
     monkeypatch.setattr(linear_fold, "CPU_CHUNK", 1000)  # many chunks, a ragged last one
     monkeypatch.setattr(linear_fold, "_SPLIT_MIN", 0)
     xs = [x.view(50, 101) for x in _inputs(4, 5050)]
-    rows = [[(0, 0.25), (1, 0.25), (2, 0.25), (3, 0.25)], [(3, 2.0), (1, -0.5)], [(2, 1.0)]]
-    targets = [torch.empty(50, 101, dtype=torch.bfloat16), torch.empty(50, 101), torch.empty(50, 101)]
-    with ThreadPoolExecutor(workers - 1 or 1) as pool:
-        sums = fold_weighted(xs, rows, targets, [None] * 3, pool=pool, workers=workers)
-    for row, target, total in zip(rows, targets, sums, strict=True):
-        ref = _reference(xs, row)
-        assert torch.allclose(target.float(), ref.to(target.dtype).float(), atol=0, rtol=0)
-        assert math.isclose(total, float(ref.double().sum()), rel_tol=1e-4, abs_tol=1e-3)
+    specs = [([0, 1, 2, 3], [0.25] * 4, torch.bfloat16), ([3, 1], [2.0, -0.5], torch.float32), ([2], [1.0], torch.float32)]
+    blocks = [Block(rows, coefs, torch.empty(50, 101, dtype=dt)) for rows, coefs, dt in specs]
+    with ThreadPoolExecutor(max(workers - 1, 1)) as pool:
+        sums = fold_blocks(xs, blocks, pool=pool, workers=workers)
+    for (rows, coefs, dt), block, total in zip(specs, blocks, sums, strict=True):
+        ref = _reference(xs, rows, coefs)
+        tol = 1e-2 if dt == torch.bfloat16 else 1e-5  # bf16 output: one rounding of a float32 result
+        assert torch.allclose(block.target.double(), ref, rtol=tol, atol=tol)
+        assert math.isclose(total, float(ref.sum()), rel_tol=1e-4, abs_tol=1e-2)
 
 
-def test_prior_continues_the_same_order_bit_for_bit(monkeypatch):
-    """Folding inputs in two groups through a float32 partial sum gives the one-group result exactly."""
-    monkeypatch.setattr(linear_fold, "CPU_CHUNK", 777)
+def test_a_prior_adds_to_the_block_and_may_be_its_target():
     xs = _inputs(5, 4000)
-    row = [(i, 0.1 * (i + 1)) for i in range(5)]
-    whole = torch.empty(4000)
-    fold_weighted(xs, [row], [whole], [None])
     acc = torch.empty(4000)
-    fold_weighted(xs[:2], [row[:2]], [acc], [None])
-    fold_weighted(xs[2:], [[(i - 2, c) for i, c in row[2:]]], [acc], [acc])
-    assert torch.equal(acc, whole)
+    fold_blocks(xs[:2], [Block([0, 1], [0.1, 0.2], acc)])
+    fold_blocks(xs[2:], [Block([0, 1, 2], [0.3, 0.4, 0.5], acc, prior=acc)])
+    assert torch.allclose(acc.double(), _reference(xs, range(5), [0.1, 0.2, 0.3, 0.4, 0.5]), atol=1e-5)
 
 
-def test_an_output_is_independent_of_the_others_sharing_the_read():
-    xs = _inputs(4, 3000)
-    alone = torch.empty(3000)
-    fold_weighted(xs[1:3], [[(0, 0.5), (1, 0.5)]], [alone], [None])
-    shared = [torch.empty(3000), torch.empty(3000)]
-    fold_weighted(xs, [[(1, 0.5), (2, 0.5)], [(0, 0.3), (3, 0.7)]], shared, [None, None])
+def test_a_block_gives_the_same_bits_whatever_shares_the_pass(monkeypatch):
+    """What makes a sweep's average equal the average alone: same block, same bits, other inputs or not."""
+    monkeypatch.setattr(linear_fold, "CPU_CHUNK", 1024)
+    xs = _inputs(6, 10_000)
+    alone = torch.empty(10_000)
+    fold_blocks(xs[3:6], [Block([0, 1, 2], [0.2, 0.3, 0.5], alone)])
+    shared = [torch.empty(10_000) for _ in range(3)]
+    fold_blocks(
+        xs,
+        [
+            Block([3, 4, 5], [0.2, 0.3, 0.5], shared[0]),  # contiguous rows: a view of the scratch
+            Block([0, 2, 4], [0.1, 0.1, 0.8], shared[1]),  # scattered rows: gathered
+            Block([5, 0], [0.5, 0.5], shared[2]),
+        ],
+    )
     assert torch.equal(shared[0], alone)
+    gathered_alone = torch.empty(10_000)
+    fold_blocks([xs[0], xs[2], xs[4]], [Block([0, 1, 2], [0.1, 0.1, 0.8], gathered_alone)])
+    assert torch.equal(shared[1], gathered_alone)
 
 
-def test_unused_nan_input_never_reaches_an_output_and_sums_flag_nan():
+def test_unlisted_nan_input_never_reaches_a_block_and_sums_flag_nan():
     xs = _inputs(2, 100, torch.float32)
     xs[1][7] = float("nan")
     out = [torch.empty(100), torch.empty(100)]
-    sums = fold_weighted(xs, [[(0, 1.0)], [(0, 1.0), (1, 0.0)]], out, [None, None])
+    sums = fold_blocks(xs, [Block([0], [1.0], out[0]), Block([0, 1], [1.0, 0.0], out[1])])
     assert math.isfinite(sums[0]) and torch.isfinite(out[0]).all()
     assert math.isnan(sums[1])  # a listed input counts even at weight 0: 0·NaN is NaN

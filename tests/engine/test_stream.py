@@ -30,7 +30,7 @@ def _run(configs, **kwargs) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("prefetch_bytes", [1, 3000])
-def test_small_prefetch_budgets_split_inputs_into_groups_without_changing_a_bit(llama_models, prefetch_bytes):
+def test_small_budgets_cut_linear_terms_into_blocks_with_the_same_result(llama_models, prefetch_bytes):
     experts = [llama_models[f"expert{i}"] for i in range(3)]
     configs = [
         _config("linear", experts),
@@ -38,11 +38,12 @@ def test_small_prefetch_budgets_split_inputs_into_groups_without_changing_a_bit(
         _config("ties", experts[:2], base=llama_models["base"]),  # a stacked method in the same read
     ]
     reference = _run(configs)
-    # a budget of 1 byte folds every input on arrival (one group per input); 3000 bytes, a few per group
+    # a budget of 1 byte makes blocks of one input (a float32 partial sum carried over each); 3000 bytes, a few
+    # inputs per block. Other blocks mean other BLAS calls: equal up to float32 rounding before the bf16 cast.
     for got, want in zip(_run(configs, prefetch_bytes=prefetch_bytes, workers=2), reference, strict=True):
         assert got.keys() == want.keys()
         for name in want:
-            assert torch.equal(got[name], want[name]), name
+            torch.testing.assert_close(got[name], want[name], rtol=8e-3, atol=1e-6, msg=name)
 
 
 def test_worker_count_does_not_change_results(llama_models):

@@ -5,12 +5,11 @@ Order of work, with three threads so reading, computing and writing overlap:
 1. **read** (background thread): for each tensor name, each needed source's tensor is read in its stored dtype,
    checked for NaN/Inf, and queued. A byte budget bounds what is in flight, so memory follows the largest
    tensor, not the model size.
-2. **compute** (calling thread, on ``device``): inputs of linear methods wait, in their stored dtype, until a
-   name's last input has arrived (or a byte budget is reached), then every linear output is computed from them
-   in one pass of cache-sized chunks (:mod:`.linear_fold`; a float32 accumulator carries partial sums only when
-   the budget splits a name's inputs, so memory does not grow with the number of inputs). Inputs of the other
-   methods are converted straight into that output's ``(k, *shape)`` float32 stack, and when a name's last
-   input has arrived the method runs on it.
+2. **compute** (calling thread, on ``device``): inputs of linear methods are kept in their stored dtype until
+   they complete a block of an output's terms, which is then computed in cache-sized chunks straight into the
+   output (:mod:`.linear_fold`, on ``workers`` threads; a float32 partial sum carries over between blocks, so
+   memory does not grow with the number of inputs). Inputs of the other methods are converted straight into
+   that output's ``(k, *shape)`` float32 stack, and when a name's last input has arrived the method runs on it.
 3. **write** (background thread): each result, cast to its output dtype, is handed to its sink.
 
 Any error or Ctrl-C aborts every sink, so no output folder is left behind.
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergescale.engine.linear_fold import fold_weighted
+from mergescale.engine.linear_fold import Block, fold_blocks
 from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
 from mergescale.errors import NonFiniteError
 from mergescale.methods.base import MethodInputs
@@ -219,7 +218,7 @@ def run_plan(
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
-    folder = _LinearFolder(plan, budget, device, pool, n_workers)
+    folder = _LinearFolder(plan, device, pool, n_workers, block_bytes=prefetch_bytes)
     try:
         reader.start()
         writer.start()
@@ -337,6 +336,7 @@ def _consume(
         job = plan.jobs[j]
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
+            folder.start(job, states)
         x = t.to(device, non_blocking=True)
         del t
         for st in states:
@@ -346,13 +346,10 @@ def _consume(
                 _check_finite(plan.labels[src], job.name, placed)
             placed = None  # a view of the stack: it must not outlive the job
         remaining -= 1
-        if job.dtype.is_floating_point and any(src in (st.coefficients or ()) for st in states):
-            folder.add(src, x, nbytes)  # the budget is released when the input is folded
-        else:
-            budget.release(nbytes)
+        # what the folder keeps is bounded by its blocks, so the read-ahead budget is free again at once
+        budget.release(nbytes)
+        folder.add(src, x)
         del x
-        if remaining == 0 or folder.full():
-            folder.fold(job, states, final=remaining == 0)
         stats.bytes_read += nbytes
         bar.advance(nbytes)
         if remaining == 0:
@@ -362,61 +359,81 @@ def _consume(
 
 
 class _LinearFolder:
-    """Holds a tensor name's inputs of linear methods in their stored dtype and folds them into every linear
-    output at once (:func:`~mergescale.engine.linear_fold.fold_weighted`): when the name's last input has
-    arrived, or earlier into a float32 partial sum when they hold half the prefetch budget, so a 10-checkpoint
-    average never holds 10 copies of its largest tensor."""
+    """Folds a tensor name's inputs into every linear output as they arrive, in blocks.
 
-    def __init__(
-        self,
-        plan: MergePlan,
-        budget: _ByteBudget,
-        device: torch.device,
-        pool: Executor | None,
-        workers: int,
-    ) -> None:
-        self.plan, self.budget, self.device = plan, budget, device
+    Each output's terms (its sources in read order) are cut into blocks of as many inputs as fit in
+    ``block_bytes`` (at least one); a block is computed (:func:`~mergescale.engine.linear_fold.fold_blocks`) when
+    its last input arrives, on top of the float32 partial sum of the output's earlier blocks, and an input is
+    dropped once no block still needs it. So a 10-checkpoint average of a 62.5 MiB embedding holds at most three
+    inputs at a time, and memory does not grow with the number of inputs. Blocks depend on the output's own
+    terms and the tensor's size only, so an average gives the same bits alone or within a sweep.
+    """
+
+    def __init__(self, plan: MergePlan, device: torch.device, pool: Executor | None, workers: int, block_bytes: int):
+        self.plan, self.device = plan, device
         self.pool, self.workers = pool, workers
-        self.limit = max(budget.limit // 2, 1)
-        self.pending: list[tuple[int, torch.Tensor, int]] = []
-        self.pending_bytes = 0
+        self.block_bytes = block_bytes
+        self.outputs: list[_LinearOutput] = []
+        self.arrived: dict[int, torch.Tensor] = {}
 
-    def add(self, src: int, x: torch.Tensor, nbytes: int) -> None:
-        self.pending.append((src, x, nbytes))
-        self.pending_bytes += nbytes
-
-    def full(self) -> bool:
-        return self.pending_bytes >= self.limit
-
-    def fold(self, job: TensorJob, states: list[_OutputState], *, final: bool) -> None:
-        linear = [st for st in states if st.coefficients is not None and job.dtype.is_floating_point]
-        if not linear or (not self.pending and not final):
+    def start(self, job: TensorJob, states: list[_OutputState]) -> None:
+        self.job, self.arrived = job, {}
+        self.outputs = []
+        if not job.dtype.is_floating_point:
             return
-        srcs = [src for src, _, _ in self.pending]
-        inputs = [x for _, x, _ in self.pending]
-        if not inputs:  # final, with everything already in the partial sums
-            for st in linear:
-                st.result = st.acc.to(self.plan.output_dtype(st.spec, job))
-                st.result_sum = float(st.acc.sum())
-                st.acc = None
+        per_input = max(1, math.prod(job.shape) * job.dtype.itemsize)
+        size = max(1, self.block_bytes // per_input)
+        for st in states:
+            if st.coefficients is None:
+                continue
+            terms = [(src, st.coefficients[src]) for src in job.sources if src in st.coefficients]
+            self.outputs.append(_LinearOutput(st, [terms[i : i + size] for i in range(0, len(terms), size)]))
+
+    def add(self, src: int, x: torch.Tensor) -> None:
+        if not any(src == s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block):
             return
-        terms = [[(i, st.coefficients[s]) for i, s in enumerate(srcs) if s in st.coefficients] for st in linear]
-        priors = [st.acc for st in linear]  # float32 partial sums of earlier inputs, or None
-        for st in linear:
-            if final:
+        self.arrived[src] = x
+        ready = []
+        for out in self.outputs:
+            if out.next < len(out.blocks) and all(s in self.arrived for s, _ in out.blocks[out.next]):
+                ready.append((out, out.blocks[out.next], out.next == len(out.blocks) - 1))
+                out.next += 1
+        if ready:
+            self._fold(ready)
+        needed = {s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block}
+        for s in [s for s in self.arrived if s not in needed]:
+            del self.arrived[s]
+
+    def _fold(self, ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]) -> None:
+        job = self.job
+        srcs = sorted({s for _, block, _ in ready for s, _ in block})
+        row = {s: i for i, s in enumerate(srcs)}
+        if self.device.type == "cpu" and 4 * math.prod(job.shape) >= _TRIM_BEFORE_BYTES:
+            release_free_heap()
+        blocks = []
+        for out, block, last in ready:
+            st = out.state
+            prior = st.acc
+            if last:
                 st.result = torch.empty(job.shape, dtype=self.plan.output_dtype(st.spec, job), device=self.device)
-            elif st.acc is None:
-                st.acc = torch.empty(job.shape, dtype=torch.float32, device=self.device)
-        targets = [st.result if final else st.acc for st in linear]
-        sums = fold_weighted(inputs, terms, targets, priors, pool=self.pool, workers=self.workers)
-        del priors
-        if final:
-            for st, total in zip(linear, sums, strict=True):
-                st.result_sum, st.acc = total, None
-        del inputs
-        self.pending.clear()
-        self.budget.release(self.pending_bytes)
-        self.pending_bytes = 0
+                target = st.result
+            else:
+                if st.acc is None:
+                    st.acc = torch.empty(job.shape, dtype=torch.float32, device=self.device)
+                target = st.acc
+            blocks.append(Block([row[s] for s, _ in block], [c for _, c in block], target, prior))
+        sums = fold_blocks([self.arrived[s] for s in srcs], blocks, pool=self.pool, workers=self.workers)
+        del blocks
+        for (out, _, last), total in zip(ready, sums, strict=True):
+            if last:
+                out.state.result_sum, out.state.acc = total, None
+
+
+@dataclass
+class _LinearOutput:
+    state: _OutputState
+    blocks: list[list[tuple[int, float]]]  # the output's (source, coefficient) terms, cut into blocks
+    next: int = 0  # the first block not yet computed
 
 
 def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> torch.Tensor | None:
