@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from pma_helpers import load_weights
 from typer.testing import CliRunner
 
@@ -91,3 +92,27 @@ def test_no_loss_log_or_no_checkpoint_before(run_factory, tmp_path):
     with pytest.raises(InputModelError, match="no checkpoint before it"):
         recover(early, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_heldout_loss_is_the_mean_token_nll_with_the_prefix_token(collapsed_run):
+    """The recovery comparison's number, recomputed by hand: every token predicted, the first from the
+    prefix token (eos here), averaged over all tokens of all documents."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergescale.pma.heldout import folder_loss
+
+    folder = collapsed_run / "checkpoint-400"
+    texts = ["w1 w2 w3 w4 w5", "w9 w8 w7 w6 w5 w4 w3"]
+    got = folder_loss(folder, texts, tokenizer_folder=folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        inp = torch.tensor([[prefix, *ids]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inp).logits[0, :-1].double(), dim=-1)  # (T, V)
+        total -= float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+        count += len(ids)
+    assert math.isclose(got, total / count, rel_tol=1e-5)

@@ -1,13 +1,16 @@
-"""Loss of a model folder on held-out text, to compare a recovery average with a rollback checkpoint.
+"""Loss of a model on held-out text, to compare a recovery average with a rollback checkpoint.
 
-The loss is the mean next-token negative log-likelihood over every predicted token of every document
-(documents truncated to ``max_length`` tokens), i.e. log-perplexity.
+The loss is computed by :func:`mergescale.evaluate.evaluate` on a perplexity task built from the documents:
+the mean next-token negative log-likelihood over every token of every document (long documents scored in
+rolling windows of the model's context, as lm-evaluation-harness does), i.e. log-perplexity. This module only
+reads the documents and builds a model for checkpoints that are not Hugging Face folders (DCP).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,60 +92,27 @@ def _tied(model: torch.nn.Module, name: str) -> bool:
     )
 
 
-@torch.no_grad()
-def text_loss(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    max_length: int = 512,
-    batch_size: int = 8,
-) -> float:
-    """Mean next-token NLL (nats per token) of ``model`` over ``texts``."""
-    device = next(model.parameters()).device
-    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    encoded = [ids for ids in encoded if len(ids) >= 2]
-    if not encoded:
-        raise TaskError("eval data: every document is shorter than two tokens")
-    encoded.sort(key=len)  # similar lengths together: less padding
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device)
-        ).logits.float()  # (B, T, V)
-        targets = input_ids[:, 1:].to(device)  # (B, T-1)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view_as(targets)  # (B, T-1)
-        keep = mask[:, 1:].to(device).bool()
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    loss = total / count
-    if not math.isfinite(loss):
-        return math.inf
-    return loss
-
-
 def folder_loss(
     folder: str | Path,
     texts: Sequence[str],
     *,
     tokenizer_folder: Path,
     config: dict[str, Any] | None = None,
-    max_length: int = 512,
     batch_size: int = 8,
 ) -> float:
-    """:func:`text_loss` of the model in ``folder`` with the tokenizer of ``tokenizer_folder``."""
+    """Mean next-token NLL (nats per token) over ``texts`` of the model in ``folder``, with the tokenizer of
+    ``tokenizer_folder``, by :func:`mergescale.evaluate.evaluate`; ``inf`` when it is not finite."""
     from transformers import AutoTokenizer
+
+    from mergescale.evaluate import evaluate
+    from mergescale.evaluate.tasks import Task, TaskData
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     model = load_causal_lm(folder, config)
-    return text_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    with tempfile.TemporaryDirectory(prefix="mergescale-heldout-") as tmp:
+        data = Path(tmp) / "heldout.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        task = Task(name="heldout", kind="perplexity", data=TaskData(test=str(data)), metrics=["loss", "ppl"])
+        results = evaluate(model, [task], tokenizer=tokenizer, batch_size=batch_size, progress=False)
+    loss = results.score("heldout")
+    return loss if math.isfinite(loss) else math.inf

@@ -61,7 +61,6 @@ def recover(
     strategy: str = "sma",
     alpha: float = DEFAULT_ALPHA,
     eval_data: str | Path | None = None,
-    eval_max_length: int = 512,
     eval_batch_size: int = 8,
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
@@ -131,12 +130,12 @@ def recover(
         max_shard_size="5GB",
     )
     if texts is not None:
-        result.eval_losses = _compare(out, result.rollback, info, texts, eval_max_length, eval_batch_size)
+        result.eval_losses = _compare(out, result.rollback, info, texts, eval_batch_size)
     return result
 
 
 def _compare(
-    averaged: Path, rollback: CheckpointRef, info: RunInfo, texts: list[str], max_length: int, batch_size: int
+    averaged: Path, rollback: CheckpointRef, info: RunInfo, texts: list[str], batch_size: int
 ) -> dict[str, float]:
     from mergescale.pma.heldout import find_tokenizer_folder, folder_loss
 
@@ -145,15 +144,12 @@ def _compare(
     if not (rollback.path / "config.json").is_file():
         config = _config_of(averaged)
     return {
-        "average": folder_loss(
-            averaged, texts, tokenizer_folder=tokenizer, max_length=max_length, batch_size=batch_size
-        ),
+        "average": folder_loss(averaged, texts, tokenizer_folder=tokenizer, batch_size=batch_size),
         "rollback": folder_loss(
             resolve_model_path(rollback.path),
             texts,
             tokenizer_folder=tokenizer,
             config=config,
-            max_length=max_length,
             batch_size=batch_size,
         ),
     }
