@@ -4,7 +4,7 @@ Every contender runs as a whole process (import, discover, plan, stream, write),
 warm page cache (the checkpoints are read once beforehand):
 
 - ``read10+write1``: the floor: read every tensor of the 10 checkpoints once and write one model;
-- ``pma sma N=10`` / ``N=3``: ``mergescale pma RUN -o OUT --window N`` (RSS must not grow with N);
+- ``pma sma N=10`` / ``N=6`` / ``N=3``: ``mergescale pma RUN -o OUT --window N`` (RSS must not grow with N);
 - ``pma sweep 9``: ``--sweep strategy=sma,ema,wma window=3,6,10`` (9 models from one read);
 - ``naive loop``: ``safetensors.load_file`` every checkpoint, average in float32, ``save_file``;
 - ``mergekit linear``: ``mergekit-yaml`` over the same 10 (when installed; ``--no-mergekit`` to skip).
@@ -136,6 +136,7 @@ def main() -> None:
         "read10+write1": [*me, "--case", "readwrite", str(run), "{out}"],
         f"pma sma N={n}": ["mergescale", "pma", str(run), "-o", "{out}", "--window", str(n), "-q"],
         "pma sma N=3": ["mergescale", "pma", str(run), "-o", "{out}", "--window", "3", "-q"],
+        "pma sma N=6": ["mergescale", "pma", str(run), "-o", "{out}", "--window", "6", "-q"],
         "pma sweep 9": ["mergescale", "pma", str(run), "-o", "{out}", "--sweep", "strategy=sma,ema,wma",
                         f"window=3,{min(6, n)},{n}", "-q"],
     }  # fmt: skip
@@ -186,6 +187,8 @@ def main() -> None:
             f"peak RSS {sma['peak_rss_gb']:.2f} GB (<= 1.5: {'ok' if ok_rss else 'MISSED'}; "
             f"N=3: {results['pma sma N=3']['peak_rss_gb']:.2f} GB)"
         )
+    if sma is not None and "pma sweep 9" in results:
+        print(f"sweep of 9 = {results['pma sweep 9']['seconds'] / sma['seconds']:.2f} x one SMA of {n}")
     out = {"machine": machine(), "checkpoints": n, "bytes": size, "read_all_s": read_s, "results": results}
     (args.cache / "results.json").write_text(json.dumps(out, indent=2) + "\n")
 
