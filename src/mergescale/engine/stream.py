@@ -10,7 +10,8 @@ Order of work, with three threads so reading, computing and writing overlap:
    output (:mod:`.linear_fold`, on ``workers`` threads; a float32 partial sum carries over between blocks, so
    memory does not grow with the number of inputs). Inputs of the other methods are converted straight into
    that output's ``(k, *shape)`` float32 stack, and when a name's last input has arrived the method runs on it.
-3. **write** (background thread): each result, cast to its output dtype, is handed to its sink.
+3. **write** (background thread): each result, cast to its output dtype, is handed to its sink; results may
+   wait for it up to a byte bound, so computing goes on while several outputs are written.
 
 Any error or Ctrl-C aborts every sink, so no output folder is left behind.
 """
@@ -211,10 +212,13 @@ def run_plan(
         prefetch_bytes = (256 if all_linear else 128) << 20
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
-    write_q: queue.Queue = queue.Queue(maxsize=1)
+    # Results wait for the writer up to a byte bound, not an item count: a sweep makes nine outputs per tensor,
+    # and with room for only one the computation would stall on every write.
+    write_q: queue.Queue = queue.Queue()
+    write_budget = _ByteBudget(prefetch_bytes)
     errors: list[BaseException] = []
     reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
-    writer = threading.Thread(target=_write_all, args=(write_q, errors), daemon=True)
+    writer = threading.Thread(target=_write_all, args=(write_q, write_budget, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
@@ -233,7 +237,9 @@ def run_plan(
                         _check_linear_result(plan, job, out_state, result)
                     # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
                     result = result.to(plan.output_dtype(out_state.spec, job))
-                    write_q.put((out_state.spec.sink, job.name, result))
+                    nbytes = result.numel() * result.element_size()
+                    write_budget.acquire(nbytes)
+                    write_q.put((out_state.spec.sink, job.name, result, nbytes))
                     del result
                     if errors:
                         raise errors[0]
@@ -246,6 +252,7 @@ def run_plan(
             out.sink.commit()
     except BaseException:
         budget.close()
+        write_budget.close()
         _drain(write_q)
         if writer.is_alive():
             # let a write in progress finish before its file is closed and deleted under it
@@ -278,18 +285,19 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None
         read_q.put(exc)
 
 
-def _write_all(write_q: queue.Queue, errors: list[BaseException]) -> None:
+def _write_all(write_q: queue.Queue, budget: _ByteBudget, errors: list[BaseException]) -> None:
     while True:
         item = write_q.get()
         if item is _DONE:
             return
-        if errors:
-            continue  # keep draining so the producer never blocks
-        sink, name, tensor = item
-        try:
-            sink.write(name, tensor)
-        except BaseException as exc:
-            errors.append(exc)
+        sink, name, tensor, nbytes = item
+        if not errors:  # after a failure, keep draining so the producer never blocks
+            try:
+                sink.write(name, tensor)
+            except BaseException as exc:
+                errors.append(exc)
+        del tensor, item
+        budget.release(nbytes)
 
 
 def _drain(q: queue.Queue) -> None:
