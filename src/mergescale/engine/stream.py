@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
 from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
 from mergescale.errors import NonFiniteError
+from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
 
 _DONE = object()
@@ -52,20 +54,33 @@ class StreamStats:
 
 
 class _ByteBudget:
-    """Blocks the reader while more than ``limit`` bytes are read but not yet consumed (one item always fits)."""
+    """Bytes read but not yet let go of (queued, or kept by the linear folder), at most ``limit``.
+
+    The reader waits while the budget is spent and something is still queued; with nothing queued one more
+    item is always let through, so the consumer can never wait for an input the budget holds back.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.queued = 0
         self.cond = threading.Condition()
         self.closed = False
 
     def acquire(self, n: int) -> bool:
+        """Reserve ``n`` bytes for one item about to be queued; False once closed."""
         with self.cond:
-            while self.used > 0 and self.used + n > self.limit and not self.closed:
+            while self.queued > 0 and self.used + n > self.limit and not self.closed:
                 self.cond.wait()
             self.used += n
+            self.queued += 1
             return not self.closed
+
+    def taken(self) -> None:
+        """The consumer took an item off the queue (its bytes stay reserved until released)."""
+        with self.cond:
+            self.queued -= 1
+            self.cond.notify_all()
 
     def release(self, n: int) -> None:
         with self.cond:
@@ -217,12 +232,15 @@ def run_plan(
     write_q: queue.Queue = queue.Queue()
     write_budget = _ByteBudget(prefetch_bytes)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
+    pool = BufferPool(max_idle_bytes=prefetch_bytes)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, pool), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, write_budget, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
-    folder = _LinearFolder(plan, device, pool, n_workers, block_bytes=prefetch_bytes)
+    executor = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
+    folder = _LinearFolder(
+        plan, device, executor, n_workers, block_bytes=prefetch_bytes, buffers=pool, budget=budget
+    )
     try:
         reader.start()
         writer.start()
@@ -236,7 +254,7 @@ def run_plan(
                     if check_finite and out_state.coefficients is not None:
                         _check_linear_result(plan, job, out_state, result)
                     # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
-                    result = result.to(plan.output_dtype(out_state.spec, job))
+                    result = _cast(result, plan.output_dtype(out_state.spec, job), pool)
                     nbytes = result.numel() * result.element_size()
                     write_budget.acquire(nbytes)
                     write_q.put((out_state.spec.sink, job.name, result, nbytes))
@@ -262,8 +280,8 @@ def run_plan(
             out.sink.abort()
         raise
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if executor is not None:
+            executor.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
         for src in plan.sources:
             src.close()
@@ -271,14 +289,28 @@ def run_plan(
     return stats
 
 
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
+def _cast(t: torch.Tensor, dtype: torch.dtype, pool: BufferPool) -> torch.Tensor:
+    """``t.to(dtype)``, into a pooled buffer when it is large and on the CPU."""
+    if t.dtype == dtype or t.device.type != "cpu":
+        return t.to(dtype)
+    buf = pool.take(t.numel() * dtype.itemsize)
+    if buf is None:
+        return t.to(dtype)
+    return buf.view(dtype).view(t.shape).copy_(t)
+
+
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, pool: BufferPool) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for src in job.sources:
-                t = plan.sources[src].read(job.name)
-                nbytes = t.numel() * t.element_size()
-                if not budget.acquire(nbytes):
+                source = plan.sources[src]
+                nbytes = source.info()[job.name].nbytes
+                if not budget.acquire(nbytes):  # before reading: nothing is allocated while waiting
                     return
+                if isinstance(source, SafetensorsCheckpoint):
+                    t = source.read(job.name, out=pool.take(nbytes))
+                else:
+                    t = source.read(job.name)
                 read_q.put((j, src, t, nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
@@ -291,6 +323,7 @@ def _write_all(write_q: queue.Queue, budget: _ByteBudget, errors: list[BaseExcep
         if item is _DONE:
             return
         sink, name, tensor, nbytes = item
+        budget.taken()
         if not errors:  # after a failure, keep draining so the producer never blocks
             try:
                 sink.write(name, tensor)
@@ -341,6 +374,7 @@ def _consume(
         if isinstance(item, BaseException):
             raise item
         j, src, t, nbytes = item
+        budget.taken()
         job = plan.jobs[j]
         if j != current:
             current, states, remaining = j, _start_job(plan, job), len(job.sources)
@@ -354,9 +388,8 @@ def _consume(
                 _check_finite(plan.labels[src], job.name, placed)
             placed = None  # a view of the stack: it must not outlive the job
         remaining -= 1
-        # what the folder keeps is bounded by its blocks, so the read-ahead budget is free again at once
-        budget.release(nbytes)
-        folder.add(src, x)
+        if not folder.add(src, x, nbytes):  # kept inputs are released when the folder lets go of them
+            budget.release(nbytes)
         del x
         stats.bytes_read += nbytes
         bar.advance(nbytes)
@@ -377,16 +410,31 @@ class _LinearFolder:
     terms and the tensor's size only, so an average gives the same bits alone or within a sweep.
     """
 
-    def __init__(self, plan: MergePlan, device: torch.device, pool: Executor | None, workers: int, block_bytes: int):
+    def __init__(
+        self,
+        plan: MergePlan,
+        device: torch.device,
+        pool: Executor | None,
+        workers: int,
+        block_bytes: int,
+        buffers: BufferPool,
+        budget: _ByteBudget,
+    ):
         self.plan, self.device = plan, device
         self.pool, self.workers = pool, workers
+        self.buffers = buffers
         self.block_bytes = block_bytes
+        self.budget = budget
         self.outputs: list[_LinearOutput] = []
         self.arrived: dict[int, torch.Tensor] = {}
+        self.arrived_bytes: dict[int, int] = {}
 
     def start(self, job: TensorJob, states: list[_OutputState]) -> None:
-        self.job, self.arrived = job, {}
+        self.job = job
         self.outputs = []
+        for n in self.arrived_bytes.values():  # only after a failure: every block ends by its job's last input
+            self.budget.release(n)
+        self.arrived, self.arrived_bytes = {}, {}
         if not job.dtype.is_floating_point:
             return
         per_input = max(1, math.prod(job.shape) * job.dtype.itemsize)
@@ -397,10 +445,12 @@ class _LinearFolder:
             terms = [(src, st.coefficients[src]) for src in job.sources if src in st.coefficients]
             self.outputs.append(_LinearOutput(st, [terms[i : i + size] for i in range(0, len(terms), size)]))
 
-    def add(self, src: int, x: torch.Tensor) -> None:
+    def add(self, src: int, x: torch.Tensor, nbytes: int) -> bool:
+        """Take an input; False when no linear output needs it (the caller lets go of it)."""
         if not any(src == s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block):
-            return
+            return False
         self.arrived[src] = x
+        self.arrived_bytes[src] = nbytes
         ready = []
         for out in self.outputs:
             if out.next < len(out.blocks) and all(s in self.arrived for s, _ in out.blocks[out.next]):
@@ -411,6 +461,8 @@ class _LinearFolder:
         needed = {s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block}
         for s in [s for s in self.arrived if s not in needed]:
             del self.arrived[s]
+            self.budget.release(self.arrived_bytes.pop(s))
+        return True
 
     def _fold(self, ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]) -> None:
         job = self.job
@@ -423,7 +475,13 @@ class _LinearFolder:
             st = out.state
             prior = st.acc
             if last:
-                st.result = torch.empty(job.shape, dtype=self.plan.output_dtype(st.spec, job), device=self.device)
+                dtype = self.plan.output_dtype(st.spec, job)
+                buf = self.buffers.take(math.prod(job.shape) * dtype.itemsize) if self.device.type == "cpu" else None
+                st.result = (
+                    torch.empty(job.shape, dtype=dtype, device=self.device)
+                    if buf is None
+                    else buf.view(dtype).view(job.shape)
+                )
                 target = st.result
             else:
                 if st.acc is None:
