@@ -2,9 +2,9 @@
 
 Order of work, with three threads so reading, computing and writing overlap:
 
-1. **read** (background thread): for each tensor name, each needed source's tensor is read in its stored dtype,
-   checked for NaN/Inf, and queued. A byte budget bounds what is in flight, so memory follows the largest
-   tensor, not the model size.
+1. **read** (background thread): for each tensor name, each needed source's tensor is mapped (safetensors: a
+   copy-on-write memory map of the page cache, no copy) or read in its stored dtype, and queued. A byte budget
+   bounds what is in flight, so memory follows the largest tensor, not the model size.
 2. **compute** (calling thread, on ``device``): inputs of linear methods are kept in their stored dtype until
    they complete a block of an output's terms, which is then computed in cache-sized chunks straight into the
    output (:mod:`.linear_fold`, on ``workers`` threads; a float32 partial sum carries over between blocks, so
@@ -233,7 +233,7 @@ def run_plan(
     write_budget = _ByteBudget(prefetch_bytes)
     errors: list[BaseException] = []
     pool = BufferPool(max_idle_bytes=prefetch_bytes)
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, pool), daemon=True)
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, write_budget, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -299,7 +299,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, pool: BufferPool) -> torch.Tensor
     return buf.view(dtype).view(t.shape).copy_(t)
 
 
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, pool: BufferPool) -> None:
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for src in job.sources:
@@ -307,10 +307,8 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, pool: B
                 nbytes = source.info()[job.name].nbytes
                 if not budget.acquire(nbytes):  # before reading: nothing is allocated while waiting
                     return
-                if isinstance(source, SafetensorsCheckpoint):
-                    t = source.read(job.name, out=pool.take(nbytes))
-                else:
-                    t = source.read(job.name)
+                # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map)
+                t = source.map(job.name) if isinstance(source, SafetensorsCheckpoint) else source.read(job.name)
                 read_q.put((j, src, t, nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
@@ -511,7 +509,7 @@ def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -
     spec = st.spec
     if not job.dtype.is_floating_point:
         if src == spec.reference:
-            st.acc = x
+            st.acc = x.clone()  # its own memory: x may map an input file
         return None
     if st.coefficients is not None:
         return None

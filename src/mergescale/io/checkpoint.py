@@ -9,6 +9,7 @@ loads one tensor at a time. Pickled ``.bin`` files are only ever opened with ``t
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -187,6 +188,31 @@ class SafetensorsCheckpoint:
                     raise InputModelError(f"{meta.file}: truncated while reading tensor {name!r}")
                 done += got
         return buf.view(meta.dtype).reshape(meta.shape)
+
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor as a private (copy-on-write) memory map of its bytes in the file: no copy is made, and
+        reading it maps the page cache's pages. Measured here on 2.15 GB of bf16 tensors from a warm cache,
+        read and converted to float32 once: 0.63 s against 0.95-1.42 s for :meth:`read` (whose copy and fresh
+        buffer pages cost more system time than the conversion). The map lives as long as any tensor viewing
+        it; writes (none are made) would touch private copies, never the file. The header checks of
+        :meth:`info` guarantee the bytes are inside the file."""
+        meta = self.info()[name]
+        offset, nbytes = self._offsets[name]
+        if nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(
+                self._fd(meta.file),
+                nbytes + offset - start,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start,
+            )
+        except (OSError, ValueError) as exc:
+            raise InputModelError(f"{meta.file}: cannot map tensor {name!r} ({exc})") from None
+        t = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        return t.view(meta.dtype).reshape(meta.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
