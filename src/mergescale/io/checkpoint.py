@@ -211,6 +211,9 @@ class SafetensorsCheckpoint:
             )
         except (OSError, ValueError) as exc:
             raise InputModelError(f"{meta.file}: cannot map tensor {name!r} ({exc})") from None
+        # start reading it from disk now, in the background, if it is not in the page cache: the caller maps
+        # ahead of computing, so a cold read overlaps with the arithmetic instead of faulting in page by page
+        mapped.madvise(mmap.MADV_WILLNEED)
         t = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
         return t.view(meta.dtype).reshape(meta.shape)
 
