@@ -11,6 +11,7 @@ warm page cache (the checkpoints are read once beforehand):
 
     nice -n 10 python benchmarks/pma_speed.py                  # 3 repeats, medians
     nice -n 10 python benchmarks/pma_speed.py --repeats 1 --no-mergekit --no-naive
+    python benchmarks/pma_speed.py --cold        # checkpoints evicted from the page cache before every run
 
 Acceptance (issue #5): one SMA of 10 ≤ 2 × (read10+write1), peak RSS ≤ 1.5 GB and not growing with N.
 The checkpoints are generated once into ``.bench/pma/`` (git-ignored), each the previous one plus noise.
@@ -27,7 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_DIR, llama_config, machine, median, run_process, write_random_llama  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    evict_from_page_cache,
+    llama_config,
+    machine,
+    median,
+    run_process,
+    write_random_llama,
+)
 
 STEP = 1000
 
@@ -117,6 +126,9 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--cache", type=Path, default=BENCH_DIR / "pma")
     ap.add_argument(
+        "--cold", action="store_true", help="evict the checkpoints from the page cache before every run (read from disk)"
+    )
+    ap.add_argument(
         "--only", help="comma-separated substrings of contender names to run (the floor always runs)"
     )
     args = ap.parse_args()
@@ -130,6 +142,12 @@ def main() -> None:
     size = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
     read_all(folders)  # warm the page cache
     read_s = median([read_all(folders) for _ in range(args.repeats)])
+    if args.cold:
+        cold = []
+        for _ in range(args.repeats):
+            evict_from_page_cache(folders)
+            cold.append(read_all(folders))
+        read_s = median(cold)
     me = [sys.executable, str(Path(__file__).resolve())]
     n = args.checkpoints
     contenders: dict[str, list[str]] = {
@@ -153,13 +171,16 @@ def main() -> None:
         }
     print(f"machine: {machine()}")
     print(f"run: {n} checkpoints x {size / n / 1e9:.2f} GB bf16 ({args.layers} layers), {size / 1e9:.2f} GB")
-    print(f"read all checkpoints once (in-process, warm cache): {read_s:.2f} s", flush=True)
+    cache = "cold cache: evicted before every run" if args.cold else "warm cache"
+    print(f"read all checkpoints once (in-process, {cache}): {read_s:.2f} s", flush=True)
     work = args.cache / "work"
     results = {}
     for label, cmd in contenders.items():
         runs = []
         for _ in range(args.repeats):
             shutil.rmtree(work, ignore_errors=True)
+            if args.cold:
+                evict_from_page_cache(folders)
             r = run_process([c.replace("{out}", str(work / "out")) for c in cmd])
             if r.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{r.output}")
@@ -189,8 +210,9 @@ def main() -> None:
         )
     if sma is not None and "pma sweep 9" in results:
         print(f"sweep of 9 = {results['pma sweep 9']['seconds'] / sma['seconds']:.2f} x one SMA of {n}")
-    out = {"machine": machine(), "checkpoints": n, "bytes": size, "read_all_s": read_s, "results": results}
-    (args.cache / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    out = {"machine": machine(), "checkpoints": n, "bytes": size, "read_all_s": read_s, "cold": args.cold,
+           "results": results}  # fmt: skip
+    (args.cache / ("results-cold.json" if args.cold else "results.json")).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
