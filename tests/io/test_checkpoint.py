@@ -72,3 +72,24 @@ def test_index_pointing_to_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
     with pytest.raises(InputModelError, match="does not exist"):
         open_checkpoint(tmp_path).info()
+
+
+def test_mapped_tensors_equal_read_ones_and_writes_never_reach_the_file(tmp_path):
+    tensors = {
+        "a": torch.arange(10_000, dtype=torch.float32).view(100, 100),  # offsets not page-aligned below
+        "b": torch.randn(3, 5).to(torch.bfloat16),
+        "c": torch.arange(7, dtype=torch.int64),
+        "empty": torch.empty(0, 4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    ckpt = open_checkpoint(tmp_path)
+    for name, want in tensors.items():
+        got = ckpt.map(name)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+        if got.numel():
+            got.view(-1)[0] = 1  # a private copy-on-write page: the file stays as it was
+    ckpt.close()
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    mapped = open_checkpoint(tmp_path).map("a")
+    assert torch.equal(mapped, tensors["a"])  # a map outlives the checkpoint's closed files

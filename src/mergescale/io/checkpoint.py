@@ -198,8 +198,8 @@ class SafetensorsCheckpoint:
         :meth:`info` guarantee the bytes are inside the file."""
         meta = self.info()[name]
         offset, nbytes = self._offsets[name]
-        if nbytes == 0:
-            return torch.empty(meta.shape, dtype=meta.dtype)
+        if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # no private maps (Windows): a plain read
+            return self.read(name)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(
@@ -213,7 +213,8 @@ class SafetensorsCheckpoint:
             raise InputModelError(f"{meta.file}: cannot map tensor {name!r} ({exc})") from None
         # start reading it from disk now, in the background, if it is not in the page cache: the caller maps
         # ahead of computing, so a cold read overlaps with the arithmetic instead of faulting in page by page
-        mapped.madvise(mmap.MADV_WILLNEED)
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED)
         t = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
         return t.view(meta.dtype).reshape(meta.shape)
 
