@@ -34,10 +34,19 @@ for _name in _COMMAND_MODULES:
 err_console = Console(stderr=True)
 
 
+# Commands whose process may skip the interpreter's teardown once they have succeeded: with torch loaded,
+# finalising the interpreter takes about 0.5 s here (measured: `import torch` alone, then exit), a sixth of a
+# whole 268M-parameter merge. Their outputs are renamed into place and closed before they return, and they
+# start no processes, so nothing at exit remains to be done but flushing the streams.
+_FAST_EXIT_COMMANDS = frozenset({"merge", "pma"})
+
+
 def main() -> None:
     """Entry point: run the app, turning every user-facing error into one red line and exit code 1."""
     try:
         app(standalone_mode=False)
+        if len(sys.argv) > 1 and sys.argv[1] in _FAST_EXIT_COMMANDS:
+            _exit_now(0)
     except MergeScaleError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -55,3 +64,14 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+
+
+def _exit_now(code: int) -> None:
+    """Flush what was printed and logged, then end the process without the interpreter's teardown."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
