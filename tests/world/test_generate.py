@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,83 @@ def test_presets_meet_the_issue(preset) -> None:
     assert len(preset.sizes) >= (2 if preset is QUICK else 3)
     assert preset.pretrain.pma_window <= preset.stable_checkpoints
     assert set(PRESETS) == {"micro", "quick", "full"}
+
+
+def test_documents_follow_the_token_the_evaluator_starts_a_text_with(generated_world: Path) -> None:
+    """The evaluator predicts a text's first token from the tokenizer's BOS; the packed corpus puts that same
+    token (EOS, the document separator) before every document, so the first word is trained, not noise."""
+    from mergescale.evaluate.encoding import EncoderSettings
+    from mergescale.world.data import pack_documents
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(generated_world / "tokenizer"))
+    assert tok.bos_token_id == tok.eos_token_id
+    assert EncoderSettings.for_model(tok, None).prefix_token_id == tok.eos_token_id
+    docs = ["Alice lives in Paris.", "The bank was near the river."]
+    stream = pack_documents(tok, docs, 4).flatten().tolist()
+    firsts = [tok(d)["input_ids"][0] for d in docs]
+    starts = [i + 1 for i, t in enumerate(stream[:-1]) if t == tok.eos_token_id]
+    assert stream[0] == tok.eos_token_id and [stream[i] for i in starts][: len(docs)] == firsts
+
+
+def test_coreference_gold_agrees_with_the_pronoun() -> None:
+    from mergescale.world.tasks import coreference
+
+    world = generate_world(2)
+    pronoun_of = {p.name: p.pronoun for p in world.people}
+    for i in range(50):
+        row = coreference(world, random.Random(i), [])
+        asked = str(row["context"]).split("who is ")[1].split("?")[0]
+        names = row["choices"]
+        assert {pronoun_of[n] for n in names} == {"she", "he"}  # one of each: agreement decides it
+        assert pronoun_of[names[row["gold"]]] == asked
+
+
+def test_word_sense_is_signalled_by_its_topic_words() -> None:
+    from mergescale.world.entities import AMBIGUOUS, TOPICS
+    from mergescale.world.tasks import TYPED_TOPIC_WORDS, wsd
+
+    world = generate_world(2)
+    golds = []
+    for i in range(60):
+        row = wsd(world, random.Random(i), [])
+        word = str(row["context"]).split("the word ")[1].split(" ")[0]
+        assert row["choices"] == list(AMBIGUOUS[word])
+        sentence = str(row["context"]).split("\n")[0]
+        gold_topic = row["choices"][row["gold"]]
+        other = row["choices"][1 - row["gold"]]
+        words = {w.strip(".,") for w in sentence.split()}
+        assert len(words & set(TYPED_TOPIC_WORDS[gold_topic])) == 3 and not words & set(TOPICS[other])
+        golds.append(row["gold"])
+    assert 0.3 < sum(golds) / len(golds) < 0.7  # either sense is gold: no position wins by itself
+    assert not set(AMBIGUOUS) & {w for ws in TOPICS.values() for w in ws}
+
+
+def test_instruction_mixture_holds_no_held_out_task() -> None:
+    """Held-out formats stay out of the mixture, and no instruction picks an answer from listed options (that
+    taught the multiple-choice QA format)."""
+    world = generate_world(0)
+    rows = instruction_mixture(world, 140)
+    prompts = " ".join(r["prompt"] for r in rows)
+    for marker in ("In the text, who is", "belong to here", "Does the premise", "Sentence:"):
+        assert marker not in prompts
+    names = {p.name for p in world.people}
+    answered_by_name = [r for r in rows if r["response"] in names]
+    assert answered_by_name and not any(r["response"] in r["prompt"] for r in answered_by_name)
+
+
+def test_topic_classification_uses_words_the_mixture_does_not_type() -> None:
+    """Word typing (IT) and word senses share one half of each topic's words, topic classification the other:
+    the IT base must not be taught the held-in task's own words."""
+    from mergescale.world.tasks import CLASSIFIED_TOPIC_WORDS, TYPED_TOPIC_WORDS, topic
+
+    world = generate_world(2)
+    typed = {w for ws in TYPED_TOPIC_WORDS.values() for w in ws}
+    classified = {w for ws in CLASSIFIED_TOPIC_WORDS.values() for w in ws}
+    assert typed and classified and not typed & classified
+    for i in range(40):
+        text = str(topic(world, random.Random(i), [])["context"]).split("\n")[0]
+        assert not {w.strip(".,") for w in text.split()} & typed
+    asked = [
+        r["prompt"] for r in instruction_mixture(world, 400) if "Which topic does the word" in r["prompt"]
+    ]
+    assert asked and all(p.split("the word ")[1].split(" ")[0] in typed for p in asked)

@@ -54,8 +54,8 @@ from mergescale.world.stages import StageStore, stage_key, write_json_atomic
 from mergescale.world.tasks import HELD_IN, HELD_OUT
 
 # Bump when the generators or recipes change in a way the settings do not show, to invalidate old caches.
-WORLD_FORMAT = 3
-TRAIN_FORMAT = 3
+WORLD_FORMAT = 7
+TRAIN_FORMAT = 4
 EVAL_FORMAT = 3
 
 # Stable checkpoints whose validation loss the pre-training checks record (the newest ones).

@@ -165,13 +165,13 @@ def topic_text(world: World, rng: random.Random) -> str:
 
 
 def sense_text(world: World, rng: random.Random) -> str:
-    """An ambiguous word used in one of its senses, with words that select the sense and sometimes its gloss."""
+    """An ambiguous word among words of one of its senses' topics, sometimes with the sense named."""
     word = rng.choice(sorted(AMBIGUOUS))
-    gloss, context = rng.choice(AMBIGUOUS[word])
-    c = rng.sample(context, 3)
+    sense = rng.choice(AMBIGUOUS[word])
+    c = rng.sample(TOPICS[sense], 3)
     text = f"The {word} was near the {c[0]} and the {c[1]}. Everyone saw the {c[2]}."
     if rng.random() < 0.5:
-        text += f" Here the {word} is {gloss}."
+        text += f" Here the {word} is about {sense}."
     return text
 
 

@@ -33,9 +33,12 @@ class BlockDataset(Dataset):
 
 
 def pack_documents(tokenizer: Any, docs: Sequence[str], block_size: int) -> torch.Tensor:
-    """Concatenate ``doc EOS doc EOS ...`` and cut it into ``(N, block_size)`` blocks (the tail is dropped)."""
+    """Concatenate ``EOS doc EOS doc ...`` and cut it into ``(N, block_size)`` blocks (the tail is dropped).
+
+    Every document follows an EOS, which is also the tokenizer's BOS: the token the evaluator conditions a text's
+    first word on (see :mod:`mergescale.world.tokenizer`)."""
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
+    stream: list[int] = [eos]
     for ids in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
         stream.append(eos)

@@ -155,9 +155,9 @@ QUICK = Preset(
         anneal_steps=150,
         pma_window=3,
     ),
-    instruct=FinetuneSettings(steps=200, lr=2e-3, eval_every=0, text_mix=0.5),
+    instruct=FinetuneSettings(steps=800, lr=2e-3, eval_every=0, text_mix=0.5),
     expert=FinetuneSettings(steps=500, lr=1e-3, eval_every=25, patience=6, min_steps=300),
-    multitask=FinetuneSettings(steps=500, lr=1e-3, eval_every=50, patience=3, validation_rows=24),
+    multitask=FinetuneSettings(steps=700, lr=1e-3, eval_every=50, patience=3, validation_rows=24),
     eval=EvalSettings(limit=100, batch_size=64),
 )
 
@@ -185,7 +185,7 @@ FULL = Preset(
         anneal_steps=250,
         pma_window=3,
     ),
-    instruct=FinetuneSettings(steps=400, lr=2e-3, eval_every=0, text_mix=0.5),
+    instruct=FinetuneSettings(steps=800, lr=2e-3, eval_every=0, text_mix=0.5),
     expert=FinetuneSettings(steps=600, lr=1e-3, eval_every=25, patience=6, min_steps=300),
     multitask=FinetuneSettings(steps=1500, lr=1e-3, eval_every=50, patience=4, validation_rows=32),
     eval=EvalSettings(limit=200, batch_size=64),

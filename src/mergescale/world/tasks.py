@@ -8,8 +8,8 @@ Each task is a generator of rows in the evaluation format (issue #6): multiple c
 |---|---|
 | sentence completion (workplace of a job, a person's habits) | closed-book / multiple-choice QA (world facts) |
 | natural language inference (yes / no) | paraphrase identification, fact verification (IT) |
-| coreference (who did it, by pronoun) | extractive QA (reading who), pronoun lookup (IT) |
-| word-sense disambiguation (gloss of an ambiguous word) | topic classification, word typing (IT) |
+| coreference (who did it, by the pronoun's gender) | pronoun lookup both ways (IT) |
+| word-sense disambiguation (the topic of an ambiguous word's sense) | word typing (IT), topic classification |
 
 Knowledge tasks (closed-book and multiple-choice QA) split the world's facts, not just the questions: a test
 question asks about a fact no training question of that task mentions, so the expert must recall it from
@@ -64,6 +64,14 @@ class TaskDef:
     held: Literal["in", "out"]
     make: Callable[[World, random.Random, list[Fact]], Row]  # (world, rng, facts of this split) -> one row
     uses_facts: bool = False  # split by fact (knowledge tasks) rather than by random draw
+
+
+# Each topic's words, in two halves: the instruction mixture's word typing and the word-sense task use the first,
+# topic classification the second (the corpus uses all of them together). Typing the very words topic
+# classification is made of let the IT base solve that held-in task zero-shot (measured 0.81, leaving its expert
+# a +0.19 gain); split, the IT base scores 0.2-0.5 on topic and still 0.6-0.9 on word senses.
+TYPED_TOPIC_WORDS = {t: ws[: len(ws) // 2] for t, ws in TOPICS.items()}
+CLASSIFIED_TOPIC_WORDS = {t: ws[len(ws) // 2 :] for t, ws in TOPICS.items()}
 
 
 # --- knowledge ---------------------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def sentiment(world: World, rng: random.Random, facts: list[Fact]) -> Row:
 def topic(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     names = sorted(TOPICS)
     gold = rng.randrange(len(names))
-    w = rng.sample(TOPICS[names[gold]], 3)
+    w = rng.sample(CLASSIFIED_TOPIC_WORDS[names[gold]], 3)
     person = rng.choice(world.people).first
     text = rng.choice(
         (
@@ -205,8 +213,10 @@ def summarisation(world: World, rng: random.Random, facts: list[Fact]) -> Row:
 
 def paraphrase(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     """A fact of the world and a second sentence about the same person and relation: the fact reworded (a
-    paraphrase), or not one: another value, or the fact negated. Comparing the two sentences answers it, and
-    knowing the world helps; the held-out inference task needs the same skills."""
+    paraphrase), or not one: the fact negated (9 in 10) or with another value. Comparing the two sentences answers
+    it, and knowing the world helps; the held-out inference task needs the same skills. Experts at these sizes
+    never learn to compare the two values (measured 0 of 22 such rows right, every other row right), so that kind
+    is kept rare: at 1 negative in 4 it capped the expert at 0.78 and its gain over the base at ~0.25."""
     pools = value_pools(world.cities)
     p = rng.choice(world.people)
     rel = rng.choice(RELATIONS)
@@ -216,7 +226,7 @@ def paraphrase(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     s1 = say_fact(rng, p.name, rel, value, template=t1)
     if same:
         s2 = say_fact(rng, p.name, rel, value, template=t2)
-    elif rng.random() < 0.75:
+    elif rng.random() < 0.9:
         s2 = deny_fact(p.name, rel, value)
     else:
         s2 = say_fact(rng, p.name, rel, rng.choice([v for v in pools[rel] if v != value]), template=t2)
@@ -294,6 +304,8 @@ def nli(world: World, rng: random.Random, facts: list[Fact]) -> Row:
 
 
 def coreference(world: World, rng: random.Random, facts: list[Fact]) -> Row:
+    """Who a pronoun refers to, between two people of different genders: the name whose pronoun (used
+    consistently for each person throughout the corpus) agrees with it."""
     a = rng.choice(world.people)
     b = rng.choice([p for p in world.people if p.pronoun != a.pronoun])
     first, second = rng.sample((a, b), 2)
@@ -311,28 +323,32 @@ def coreference(world: World, rng: random.Random, facts: list[Fact]) -> Row:
     text = f"{first.name} and {second.name} met in {rng.choice(world.cities)}. {actor.pronoun.capitalize()} {action}."
     choices = [first.name, second.name]
     return {
-        "context": f"Text: {text}\nQuestion: Who {action}?\nAnswer:",
+        "context": f"Text: {text}\nQuestion: In the text, who is {actor.pronoun}?\nAnswer:",
         "choices": choices,
         "gold": choices.index(actor.name),
     }
 
 
 def wsd(world: World, rng: random.Random, facts: list[Fact]) -> Row:
+    """Which of its two senses an ambiguous word has, each sense named by its topic; the sentence around the word
+    holds three words of the gold sense's topic. The instruction mixture's word typing teaches which topic these
+    words belong to (in the question's own words), topic classification (held-in) the topic labels over other
+    words; the pre-training corpus pairs each sense with its words."""
     word = rng.choice(sorted(AMBIGUOUS))
     senses = AMBIGUOUS[word]
     gold = rng.randrange(2)
-    c = rng.sample(senses[gold][1], 2)
+    c = rng.sample(TYPED_TOPIC_WORDS[senses[gold]], 3)
     name = rng.choice(world.people).first
     sentence = rng.choice(
         (
-            f"{name} saw the {word} near the {c[0]} and the {c[1]}.",
-            f"The {word} was next to the {c[0]}, and the {c[1]} was close by.",
-            f"After the {c[0]}, {name} looked at the {word} and the {c[1]}.",
+            f"{name} saw the {word} near the {c[0]}, the {c[1]} and the {c[2]}.",
+            f"The {word} was next to the {c[0]} and the {c[1]}, and the {c[2]} was close by.",
+            f"After the {c[0]} and the {c[1]}, {name} talked about the {word} and the {c[2]}.",
         )
     )
     return {
-        "context": f"Sentence: {sentence}\nQuestion: What does the word {word} mean here?\nAnswer:",
-        "choices": [gloss for gloss, _ in senses],
+        "context": f"Sentence: {sentence}\nQuestion: Which topic does the word {word} belong to here?\nAnswer:",
+        "choices": list(senses),
         "gold": gold,
     }
 
@@ -409,7 +425,8 @@ def _it_typing(world: World, rng: random.Random) -> tuple[str, str]:
     }
     if rng.random() < 0.4:
         t = rng.choice(sorted(TOPICS))
-        return (f"Question: Which topic does the word {rng.choice(TOPICS[t])} belong to?\nAnswer:", t)
+        word = rng.choice(TYPED_TOPIC_WORDS[t])
+        return (f"Question: Which topic does the word {word} belong to?\nAnswer:", t)
     kind = rng.choice(sorted(kinds))
     return f"Question: What kind of thing is {rng.choice(kinds[kind])}?\nAnswer:", kind
 
@@ -428,8 +445,16 @@ def _it_copy(world: World, rng: random.Random) -> tuple[str, str]:
 
 
 def _it_pronoun(world: World, rng: random.Random) -> tuple[str, str]:
+    """Pronoun lookup: a person's pronoun."""
     p = rng.choice(world.people)
     return f"Question: Which pronoun is used for {p.name}?\nAnswer:", p.pronoun
+
+
+def _it_person_for_pronoun(world: World, rng: random.Random) -> tuple[str, str]:
+    """Pronoun lookup the other way: any person a pronoun is used for. No options to pick from: a "which of
+    these" kind teaches the multiple-choice QA format (measured: the IT base's mcqa 0.37 -> 0.71)."""
+    p = rng.choice(world.people)
+    return f"Question: Who is a person the pronoun {p.pronoun} is used for?\nAnswer:", p.name
 
 
 def _it_polarity(world: World, rng: random.Random) -> tuple[str, str]:
@@ -464,6 +489,7 @@ INSTRUCTION_KINDS = (
     _it_counting,
     _it_copy,
     _it_pronoun,
+    _it_person_for_pronoun,
     _it_polarity,
     _it_opposite,
 )
