@@ -1,10 +1,11 @@
-"""Reusable buffers for the large tensors a merge reads and writes, so memory does not fragment.
+"""Reusable buffers for the large tensors a merge produces, so memory does not fragment.
 
-A merge reads the same few large tensor sizes over and over (the embedding and the output head of every
-input, the MLP matrices of every layer). Allocated fresh, each either page-faults in on first touch (glibc
-hands blocks above its mmap threshold straight to the OS) or, kept in glibc's heap, fragments it: measured here,
-the peak RSS of a 10-checkpoint average rose with the number of checkpoints (0.73 GB at 3, 0.89 GB at 10) and
-more than 200,000 page faults went to re-touching freed memory. Buffers from this pool are reused instead.
+A merge produces the same few large tensor sizes over and over (the embedding and the output head, the MLP
+matrices of every layer). Allocated fresh, each either page-faults in on first touch (glibc hands blocks above
+its mmap threshold straight to the OS) or, kept in glibc's heap, fragments it: measured here, the peak RSS of a
+10-checkpoint average rose with the number of checkpoints (0.73 GB at 3, 0.89 GB at 10) and more than 200,000
+page faults went to re-touching freed memory. The engine takes its large results from this pool instead (its
+inputs are memory maps, see ``SafetensorsCheckpoint.map``).
 
 A buffer is a numpy array; tensors are made from it with ``torch.from_numpy``, whose storage holds a reference
 to the array until the last tensor viewing it is gone. So "idle" is simply "nobody but the pool refers to the

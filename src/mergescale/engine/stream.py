@@ -165,6 +165,12 @@ def tune_allocator() -> None:
         pass
 
 
+def before_large_allocation(nbytes: int, device: torch.device) -> None:
+    """Return free heap pages (:func:`release_free_heap`) before a CPU allocation of 64 MB or more."""
+    if device.type == "cpu" and nbytes >= _TRIM_BEFORE_BYTES:
+        release_free_heap()
+
+
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim``), before a large allocation.
 
@@ -291,12 +297,17 @@ def run_plan(
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, pool: BufferPool) -> torch.Tensor:
     """``t.to(dtype)``, into a pooled buffer when it is large and on the CPU."""
-    if t.dtype == dtype or t.device.type != "cpu":
-        return t.to(dtype)
-    buf = pool.take(t.numel() * dtype.itemsize)
-    if buf is None:
-        return t.to(dtype)
-    return buf.view(dtype).view(t.shape).copy_(t)
+    if t.dtype == dtype:
+        return t
+    return _empty(t.shape, dtype, t.device, pool).copy_(t)
+
+
+def _empty(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, pool: BufferPool
+) -> torch.Tensor:
+    """An uninitialised tensor, on a pooled buffer when it is large and on the CPU."""
+    buf = pool.take(math.prod(shape) * dtype.itemsize) if device.type == "cpu" else None
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)
 
 
 def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
@@ -412,14 +423,14 @@ class _LinearFolder:
         self,
         plan: MergePlan,
         device: torch.device,
-        pool: Executor | None,
+        executor: Executor | None,
         workers: int,
         block_bytes: int,
         buffers: BufferPool,
         budget: _ByteBudget,
     ):
         self.plan, self.device = plan, device
-        self.pool, self.workers = pool, workers
+        self.executor, self.workers = executor, workers
         self.buffers = buffers
         self.block_bytes = block_bytes
         self.budget = budget
@@ -466,27 +477,19 @@ class _LinearFolder:
         job = self.job
         srcs = sorted({s for _, block, _ in ready for s, _ in block})
         row = {s: i for i, s in enumerate(srcs)}
-        if self.device.type == "cpu" and 4 * math.prod(job.shape) >= _TRIM_BEFORE_BYTES:
-            release_free_heap()
+        before_large_allocation(4 * math.prod(job.shape), self.device)
         blocks = []
         for out, block, last in ready:
             st = out.state
             prior = st.acc
             if last:
-                dtype = self.plan.output_dtype(st.spec, job)
-                buf = self.buffers.take(math.prod(job.shape) * dtype.itemsize) if self.device.type == "cpu" else None
-                st.result = (
-                    torch.empty(job.shape, dtype=dtype, device=self.device)
-                    if buf is None
-                    else buf.view(dtype).view(job.shape)
-                )
-                target = st.result
+                st.result = target = _empty(job.shape, self.plan.output_dtype(st.spec, job), self.device, self.buffers)
             else:
                 if st.acc is None:
                     st.acc = torch.empty(job.shape, dtype=torch.float32, device=self.device)
                 target = st.acc
             blocks.append(Block([row[s] for s, _ in block], [c for _, c in block], target, prior))
-        sums = fold_blocks([self.arrived[s] for s in srcs], blocks, pool=self.pool, workers=self.workers)
+        sums = fold_blocks([self.arrived[s] for s in srcs], blocks, pool=self.executor, workers=self.workers)
         del blocks
         for (out, _, last), total in zip(ready, sums, strict=True):
             if last:
@@ -520,8 +523,7 @@ def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -
     positions = [p for p, m in enumerate(spec.models) if m == src]
     if positions:
         if st.stack is None:
-            if x.device.type == "cpu" and 4 * len(spec.models) * x.numel() >= _TRIM_BEFORE_BYTES:
-                release_free_heap()
+            before_large_allocation(4 * len(spec.models) * x.numel(), x.device)
             st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
         for p in positions:
             st.stack[p].copy_(x)  # converts while copying: no float32 temporary

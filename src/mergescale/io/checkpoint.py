@@ -171,13 +171,10 @@ class SafetensorsCheckpoint:
             self._info = info
         return self._info
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One tensor, read into a fresh buffer, or into ``out`` (a uint8 CPU tensor of exactly its bytes)."""
+    def read(self, name: str) -> torch.Tensor:
         meta = self.info()[name]
         offset, nbytes = self._offsets[name]
-        if out is not None and (out.dtype != torch.uint8 or out.numel() != nbytes or not out.is_contiguous()):
-            raise ValueError(f"{name}: out must be a contiguous uint8 tensor of {nbytes} bytes")
-        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
             fd = self._fd(meta.file)
