@@ -168,13 +168,7 @@ class Evaluator:
     # -- kinds -----------------------------------------------------------------------------------------------
     def _multiple_choice(self, task: Task, rows: list, encoded: dict, on_progress: Any) -> tuple[dict, list]:
         requests: list[LoglikelihoodRequest] = encoded["requests"]
-        scores = score_loglikelihoods(
-            self.model,
-            requests,
-            batch_size=self.batch_size,
-            pad_token_id=self._pad_id(),
-            on_progress=_per_owner(requests, on_progress),
-        )
+        scores = self._score(requests, on_progress)
         lls: list[list[float]] = [[math.nan] * len(row.choices) for row in rows]
         for req, values in zip(requests, scores, strict=True):
             for k, value in zip(req.choice_ids, values, strict=True):
@@ -207,13 +201,7 @@ class Evaluator:
     def _perplexity(self, task: Task, rows: list, encoded: dict, on_progress: Any) -> tuple[dict, list]:
         requests: list[LoglikelihoodRequest] = encoded["requests"]
         counts: list[int] = encoded["counts"]
-        scores = score_loglikelihoods(
-            self.model,
-            requests,
-            batch_size=self.batch_size,
-            pad_token_id=self._pad_id(),
-            on_progress=_per_owner(requests, on_progress),
-        )
+        scores = self._score(requests, on_progress)
         nll = [0.0] * len(rows)
         for req, values in zip(requests, scores, strict=True):
             nll[req.owner] -= values[0]
@@ -250,6 +238,16 @@ class Evaluator:
         except TaskError as exc:
             raise TaskError(f"task {task.name!r} ({task.data_path(split)}): {exc}") from None
         return {"rows": rows, "requests": requests, "contexts": contexts}
+
+    def _score(self, requests: list[LoglikelihoodRequest], on_progress: Any) -> list:
+        """Log-likelihoods of the requests' continuations, progress reported per example."""
+        return score_loglikelihoods(
+            self.model,
+            requests,
+            batch_size=self.batch_size,
+            pad_token_id=self._pad_id(),
+            on_progress=_per_owner(requests, on_progress),
+        )
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
