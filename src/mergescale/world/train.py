@@ -29,6 +29,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    default_data_collator,
 )
 from transformers.trainer_callback import PrinterCallback
 
@@ -87,7 +88,9 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    # One fused kernel per step instead of ~10 ops per tensor: at these sizes the per-op cost is the cost
+    # (measured on the quick `s` model: 2.5 -> 1.0 ms of a ~20 ms step).
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def _args(
@@ -113,6 +116,36 @@ def _args(
     )
 
 
+class _AnswerLossTrainer(Trainer):
+    """A ``Trainer`` whose loss projects onto the vocabulary only the positions that have a label.
+
+    Supervised examples label only their answer (5-15 % of the positions of a padded batch); the language-model
+    head and its log-softmax over every position were a third of a fine-tuning step (measured on the quick
+    models: 25-35 % of the step time saved). The loss is the same mean cross-entropy over labelled tokens that
+    the model's own loss computes: ``-1/K sum_k log softmax(W h_{t_k})[y_{t_k + 1}]``.
+    """
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
+        hidden, targets, _ = _labelled_states(model, inputs)  # (K, H), (K,)
+        logits = model.get_output_embeddings()(hidden)  # (K, V)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def _labelled_states(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the positions whose next token is labelled, that token, and the
+    row each position belongs to (row-major order, so a row's positions are contiguous and in order)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = labels != IGNORE  # (B, T-1)
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H)
+    return hidden[keep], labels[keep], keep.nonzero()[:, 0]
+
+
 def _trainer(
     model: Any,
     args: TrainingArguments,
@@ -123,8 +156,11 @@ def _trainer(
     callbacks: Sequence[TrainerCallback] = (),
     optimizers: tuple = (None, None),
     collator: Any = None,
+    answer_loss: bool = False,
 ) -> Trainer:
-    trainer = Trainer(
+    # Without a collator the Trainer pads every batch through the tokenizer, even fixed-length pre-training
+    # blocks (5 % of a pre-training step); blocks are stacked, supervised examples padded by PadCollator.
+    trainer = (_AnswerLossTrainer if answer_loss else Trainer)(
         model=model,
         args=args,
         train_dataset=data,
@@ -177,6 +213,7 @@ def pretrain_stable(
         report=report,
         callbacks=pma_callbacks(pma_start),
         optimizers=(opt, sched),
+        collator=default_data_collator,
     )
     trainer.train()
 
@@ -204,7 +241,9 @@ def anneal(
     n = settings.anneal_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / n))
     args = _args(out / "_trainer", steps=n, batch_size=settings.batch_size, seed=seed + 1, save_steps=None)
-    trainer = _trainer(model, args, blocks, tokenizer, report=report, optimizers=(opt, sched))
+    trainer = _trainer(
+        model, args, blocks, tokenizer, report=report, optimizers=(opt, sched), collator=default_data_collator
+    )
     trainer.train()
     trainer.save_model(str(out))
     shutil.rmtree(out / "_trainer", ignore_errors=True)
@@ -237,20 +276,19 @@ class _BestOnValidation(TrainerCallback):
     def score(self, model: Any) -> tuple[float, float]:
         was_training = model.training
         model.eval()
-        out = model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"])
-        logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        labels = self.batch["labels"][:, 1:]  # (B, T-1)
-        mask = labels != IGNORE
-        greedy = ((logits.argmax(-1) == labels) | ~mask).all(-1)  # (B,)
+        hidden, targets, rows = _labelled_states(model, self.batch)  # (K, H), (K,), (K,)
+        logits = model.get_output_embeddings()(hidden)  # (K, V): answer positions only
+        misses = torch.zeros(len(self.candidates)).index_add_(0, rows, (logits.argmax(-1) != targets).float())
+        # (B,): where each row's first answer position is among the K (rows are sorted)
+        firsts = torch.searchsorted(rows, torch.arange(len(self.candidates)))
         right = []
         for i, cands in enumerate(self.candidates):
-            if cands is None:
-                right.append(bool(greedy[i]))
+            if cands is None:  # generation: every answer token is the greedy one
+                right.append(bool(misses[i] == 0))
                 continue
-            first = int(mask[i].nonzero()[0])  # the answer's first position
-            scores = logits[i, first, cands]  # (n_choices,)
-            right.append(cands[int(scores.argmax())] == int(labels[i, first]))
-        nll = torch.nn.functional.cross_entropy(logits[mask], labels[mask]).item()
+            first = int(firsts[i])
+            right.append(cands[int(logits[first, cands].argmax())] == int(targets[first]))
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets).item()
         model.train(was_training)
         return sum(right) / len(right), -nll
 
@@ -325,6 +363,7 @@ def finetune(
         collator=collator,
         optimizers=(opt, sched),
         callbacks=callbacks,
+        answer_loss=True,
     )
     state = trainer.train()
     trainer.save_model(str(out))
