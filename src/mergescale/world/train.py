@@ -128,22 +128,23 @@ class _AnswerLossTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
-        hidden, targets, _ = _labelled_states(model, inputs)  # (K, H), (K,)
-        logits = model.get_output_embeddings()(hidden)  # (K, V)
+        logits, targets, _ = _answer_logits(model, inputs)  # (K, V), (K,)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
-def _labelled_states(
+def _answer_logits(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decoder's last hidden states at the positions whose next token is labelled, that token, and the
-    row each position belongs to (row-major order, so a row's positions are contiguous and in order)."""
+    """Logits at the positions whose next token is labelled (the decoder runs on every position, the vocabulary
+    projection only on these), that token, and the row each position belongs to (row-major order, so a row's
+    positions are contiguous and in order)."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = labels != IGNORE  # (B, T-1)
     out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H)
-    return hidden[keep], labels[keep], keep.nonzero()[:, 0]
+    logits = model.get_output_embeddings()(hidden[keep])  # (K, V)
+    return logits, labels[keep], keep.nonzero()[:, 0]
 
 
 def _trainer(
@@ -276,8 +277,7 @@ class _BestOnValidation(TrainerCallback):
     def score(self, model: Any) -> tuple[float, float]:
         was_training = model.training
         model.eval()
-        hidden, targets, rows = _labelled_states(model, self.batch)  # (K, H), (K,), (K,)
-        logits = model.get_output_embeddings()(hidden)  # (K, V): answer positions only
+        logits, targets, rows = _answer_logits(model, self.batch)  # (K, V), (K,), (K,)
         misses = torch.zeros(len(self.candidates)).index_add_(0, rows, (logits.argmax(-1) != targets).float())
         # (B,): where each row's first answer position is among the K (rows are sorted)
         firsts = torch.searchsorted(rows, torch.arange(len(self.candidates)))
