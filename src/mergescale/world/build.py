@@ -17,17 +17,13 @@ Order of work:
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
 import platform
-import queue
 import random
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +33,8 @@ import torch
 
 from mergescale import __version__
 from mergescale.errors import OutputError
+from mergescale.stages.scheduler import Job, Scheduler
+from mergescale.stages.store import StageStore, stage_key, write_json_atomic
 from mergescale.world.data import (
     BlockDataset,
     SupervisedDataset,
@@ -50,7 +48,6 @@ from mergescale.world.evaluation import average_last_checkpoints, score_model
 from mergescale.world.generate import write_world
 from mergescale.world.layout import BASE_KINDS, WorldLayout
 from mergescale.world.presets import Preset, get_preset
-from mergescale.world.stages import StageStore, stage_key, write_json_atomic
 from mergescale.world.tasks import HELD_IN, HELD_OUT
 
 # Bump when the generators or recipes change in a way the settings do not show, to invalidate old caches.
@@ -396,114 +393,24 @@ class _Runner:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# worker processes
+# worker processes (mergescale.stages.Scheduler runs the stages; these are its hooks)
 # ---------------------------------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(root: str, preset_json: str, seed: int, threads: int, events: Any) -> None:
-    torch.set_num_threads(threads)
-    _silence_transformers()
-    _exit_with_parent()
+def _make_runner(root: str, preset_json: str, seed: int, reporting: bool, *, emit: Callable[[Any], None]) -> _Runner:
+    """A worker's runner: its progress events travel to the build process through ``emit``."""
 
     def report(name: str, step: int, total: int, loss: float | None) -> None:
-        if events is not None:
-            events.put((name, step, total, loss))
+        emit((name, step, total, loss))
 
-    _WORKER["runner"] = _Runner(
-        Path(root), Preset.model_validate_json(preset_json), seed, report if events is not None else None
-    )
+    return _Runner(Path(root), Preset.model_validate_json(preset_json), seed, report if reporting else None)
 
 
-def _exit_with_parent() -> None:
-    """A worker whose build process is gone (killed, not interrupted) stops too, instead of training on for
-    nobody; its half-written stage is cleaned up by the next build."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _worker_run(stage: Stage) -> bool:
-    return _WORKER["runner"].run(stage)
+def _run_stage(runner: _Runner, stage: Stage) -> bool:
+    return runner.run(stage)
 
 
 def _worker_warm() -> None:
     """Import what training stages use (~4 s), so a worker that starts while the world stage runs is ready."""
     import mergescale.world.train  # noqa: F401  (transformers' Trainer and Llama)
-
-
-def _run_parallel(
-    stages: list[Stage],
-    done: set[str],
-    runner: _Runner,
-    workers: int,
-    threads: int,
-    result: BuildResult,
-    report: Reporter | None,
-) -> None:
-    """Run ``stages`` (not cached) on a pool as their dependencies finish; events go to ``report``."""
-    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can hang the child
-    events = ctx.Queue() if report is not None else None
-    pending = {s.name: s for s in stages}
-    running: dict[Future, Stage] = {}
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(str(runner.layout.root), runner.preset.model_dump_json(), runner.seed, threads, events),
-    ) as pool:
-        try:
-            warmed = False
-            while pending or running:
-                ready = sorted(
-                    (s for s in pending.values() if all(d in done for d in s.deps)), key=lambda s: -s.priority
-                )
-                for stage in ready[: max(0, workers + 1 - len(running))]:  # one queued ahead per pool
-                    running[pool.submit(_worker_run, stage)] = pending.pop(stage.name)
-                if not warmed:
-                    # The pool starts a process per submitted task: the first stage (the world) started one, these
-                    # start the others now, so their imports overlap it instead of delaying the first parallel
-                    # stages (4 s measured).
-                    for _ in range(workers - len(running)):
-                        pool.submit(_worker_warm)
-                    warmed = True
-                finished, _ = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
-                _drain(events, report)
-                for future in finished:
-                    stage = running.pop(future)
-                    ran = future.result()  # re-raises a worker's error here
-                    done.add(stage.name)
-                    (result.ran if ran else result.skipped).append(stage.name)
-                if (
-                    not running
-                    and pending
-                    and not any(all(d in done for d in s.deps) for s in pending.values())
-                ):
-                    raise RuntimeError(f"stages with unmet dependencies: {', '.join(pending)}")
-        except BaseException:
-            # Interrupted or a stage failed: stop the workers now rather than wait for their stages (each stage
-            # is atomic, so a killed one is simply redone by the next build).
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            _drain(events, report)
-
-
-def _drain(events: Any, report: Reporter | None) -> None:
-    if events is None or report is None:
-        return
-    while True:
-        try:
-            report(*events.get_nowait())
-        except queue.Empty:
-            return
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -564,11 +471,22 @@ def build_world(
                 result.skipped.append(stage.name)
             else:
                 todo.append(stage)
-        if workers > 1 and len(todo) > 1:
-            _run_parallel(todo, done, runner, workers, threads, result, report)
-        else:
-            for stage in todo:
-                (result.ran if runner.run(stage) else result.skipped).append(stage.name)
+        scheduler = Scheduler(
+            _make_runner,
+            (str(root), preset.model_dump_json(), seed, report is not None),
+            workers=workers,
+            threads=threads,
+            prepare=_silence_transformers,
+            warm=_worker_warm,
+        )
+        scheduler.run(
+            [Job(s.name, s.deps, s.priority, s) for s in todo],
+            _run_stage,
+            done=done,
+            on_done=lambda job, ran: (result.ran if ran else result.skipped).append(job.name),
+            on_event=(lambda event: report(*event)) if report is not None else None,
+            local_state=runner,
+        )
     result.seconds = round(time.perf_counter() - start, 2)
     result.scores = _scores_json(runner, stages)
     write_json_atomic(runner.layout.scores_json, result.scores)

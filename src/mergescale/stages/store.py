@@ -14,7 +14,6 @@ Leftover temporary siblings of a killed run are removed when the stage runs agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,21 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mergescale.stages.keys import stage_key
 
-def stage_key(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (pydantic models are dumped first)."""
-
-    def plain(x: Any) -> Any:
-        if isinstance(x, BaseModel):
-            return x.model_dump(mode="json")
-        if isinstance(x, list | tuple):
-            return [plain(v) for v in x]
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in x.items()}
-        return x
-
-    blob = json.dumps(plain(list(parts)), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+__all__ = ["StageRecord", "StageStore", "remove", "stage_key", "write_json_atomic"]
 
 
 class StageRecord(BaseModel):
