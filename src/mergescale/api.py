@@ -59,6 +59,17 @@ class SourcePool:
         self._by_key[ref] = self._by_key[key] = len(self.sources) - 1
         return len(self.sources) - 1
 
+    def close(self) -> None:
+        """Close every source this pool opened."""
+        for source in self.sources:
+            source.close()
+
+    def __enter__(self) -> SourcePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def output_for_config(config: MergeConfig, pool: SourcePool, sink: TensorSink, label: str = "merge") -> OutputSpec:
     """The engine's description of one merge config, with its sources added to ``pool``."""
@@ -121,7 +132,21 @@ def merge(
     cfg = _as_config(config)
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
-    pool = SourcePool()
+    with SourcePool() as pool:
+        return _merge_into(cfg, out, pool, device, overwrite, max_shard_size, allow_nonfinite, copy_tokenizer, progress)
+
+
+def _merge_into(
+    cfg: MergeConfig,
+    out: Path,
+    pool: SourcePool,
+    device: str,
+    overwrite: bool,
+    max_shard_size: int | str,
+    allow_nonfinite: bool,
+    copy_tokenizer: bool,
+    progress: bool,
+) -> MergeResult:
     # open the inputs first so a bad model fails before the output folder is touched
     for ref in ([cfg.base_model] if cfg.base_model else []) + [m.model for m in cfg.merged_models()]:
         pool.add(ref, "base model" if ref == cfg.base_model else "model")
@@ -150,6 +175,7 @@ def merge_to_memory(
     """Merge without writing: the merged weights come back as a state dict (e.g. to evaluate in memory)."""
     cfg = _as_config(config)
     sink = MemorySink()
-    plan = plan_merges([(cfg, sink)])
-    stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress)
+    with SourcePool() as pool:
+        plan = plan_merges([(cfg, sink)], pool=pool)
+        stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress)
     return MergeResult(None, stats, sink.state_dict)

@@ -23,9 +23,11 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -37,6 +39,12 @@ from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
 
 _DONE = object()
+
+
+class InputObserver(Protocol):
+    """Sees every input tensor of a run as it is read (see ``run_plan``'s ``observers``)."""
+
+    def observe(self, job: TensorJob, source: int, tensor: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -138,31 +146,54 @@ def _linear_coefficients(state: _OutputState, name: str) -> dict[int, float] | N
     return coefs
 
 
-def tune_allocator() -> None:
-    """Make glibc reuse freed blocks of up to 64 MB instead of returning them to the OS.
+@contextmanager
+def allocator_settings() -> Iterator[None]:
+    """For the duration of a run, make glibc reuse freed blocks of up to 64 MB instead of returning them to the
+    OS; restored afterwards, since a process that merges also evaluates and trains (a study).
 
     Merging allocates and frees tensors of the same few sizes over and over; by default each one above 32 MB
     is a fresh mmap whose pages fault in on first touch, which was measured to cost more than reading the
     inputs (4 s vs 0.8 s to read and convert 2.7 GB of bf16 here). Above 64 MB (embeddings, output heads in
     float32) blocks still go back to the OS: keeping those too fragmented the heap and raised the peak RSS of
     a 10-checkpoint average from about 1.05 GB to 1.5-2.0 GB, growing with the number of checkpoints.
+
+    Restored on exit: the mmap and trim thresholds (to glibc's documented defaults, 128 KiB; glibc's dynamic
+    mmap threshold stays off once any program sets it). Not undoable: the number of arenas (one, so threads'
+    arenas do not cap heap blocks at 64 MB and fall back to mmap): glibc fixes its arena limit the first time a
+    second thread allocates, so a process keeps whatever limit was in force then.
     """
-    global _ALLOCATOR_TUNED, _LIBC
-    if _ALLOCATOR_TUNED:
+    global _LIBC
+    libc = _glibc()
+    if libc is None:  # not glibc: keep the defaults
+        yield
         return
-    _ALLOCATOR_TUNED = True
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    libc.mallopt(_M_ARENA_MAX, 1)
+    outer, _LIBC = _LIBC, libc
+    try:
+        yield
+    finally:
+        _LIBC = outer
+        if outer is None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            libc.mallopt(_M_ARENA_MAX, 0)
+
+
+def _glibc():
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        libc.mallopt(m_mmap_threshold, 64 << 20)
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-        # threads' own arenas cap heap blocks at 64 MB and fall back to mmap; one arena reuses everything
-        libc.mallopt(m_arena_max, 1)
-        _LIBC = libc
-    except (OSError, AttributeError):  # not glibc: keep the defaults
-        pass
+        libc.mallopt  # noqa: B018  (not glibc without it)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
 def before_large_allocation(nbytes: int, device: torch.device) -> None:
@@ -174,7 +205,7 @@ def before_large_allocation(nbytes: int, device: torch.device) -> None:
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim``), before a large allocation.
 
-    With trimming off (:func:`tune_allocator`), pages freed by read buffers just under the mmap threshold (a
+    With trimming off (:func:`allocator_settings`), pages freed by read buffers just under the mmap threshold (a
     bf16 embedding of a 268M model is 62.5 MiB) stay resident; the float32 stack allocated next is a fresh
     mapping, so both would count in the peak. Called only before the largest allocations, it costs little.
     """
@@ -182,7 +213,7 @@ def release_free_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-_ALLOCATOR_TUNED = False
+# glibc while a run's allocator settings are in force (see allocator_settings), else None
 _LIBC = None
 # allocations from this size on are preceded by :func:`release_free_heap`
 _TRIM_BEFORE_BYTES = 64 << 20
@@ -197,6 +228,7 @@ def run_plan(
     prefetch_bytes: int | None = None,
     threads: int | None = 1,
     workers: int | None = None,
+    observers: Sequence[InputObserver] = (),
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -215,12 +247,30 @@ def run_plan(
             32000x1024 tensor of 4 experts: 1.3 s with 1 thread, 12-30 s with 2 on a busy 2-core machine).
         workers: threads that share the chunks of linear methods' weighted sums (default: the CPU count, at
             most 4). Each runs torch single-threaded on its own slice, so no OpenMP team is woken.
+        observers: each is shown every input tensor as it arrives (``observe(job, source, tensor)``, in the
+            computing thread, before any method runs), e.g. to compute task-vector statistics from the same read.
+
+    The plan's sources stay open: whoever opened them closes them. Process-wide settings the run changes (torch
+    threads, the allocator's, :func:`allocator_settings`) are restored when it returns.
 
     Returns:
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
     """
     device = torch.device(device)
-    tune_allocator()
+    with allocator_settings():
+        return _run_plan(plan, device, check_finite, progress, prefetch_bytes, threads, workers, observers)
+
+
+def _run_plan(
+    plan: MergePlan,
+    device: torch.device,
+    check_finite: bool,
+    progress: bool | Callable[[int, int], None],
+    prefetch_bytes: int | None,
+    threads: int | None,
+    workers: int | None,
+    observers: Sequence[InputObserver],
+) -> StreamStats:
     saved_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
@@ -251,7 +301,8 @@ def run_plan(
         reader.start()
         writer.start()
         with bar:
-            for job, state in _consume(plan, read_q, budget, device, bar, stats, check_finite, folder):
+            consumed = _consume(plan, read_q, budget, device, bar, stats, check_finite, folder, observers)
+            for job, state in consumed:
                 for out_state in state:
                     result = _finish(job, out_state, plan)
                     # drop this job's stack now, before the cast allocates: loop variables would keep it alive
@@ -289,8 +340,6 @@ def run_plan(
         if executor is not None:
             executor.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
-        for src in plan.sources:
-            src.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -372,6 +421,7 @@ def _consume(
     stats: StreamStats,
     check_finite: bool,
     folder: _LinearFolder,
+    observers: Sequence[InputObserver],
 ) -> Iterator[tuple[TensorJob, list[_OutputState]]]:
     current: int | None = None
     states: list[_OutputState] = []
@@ -390,6 +440,8 @@ def _consume(
             folder.start(job, states)
         x = t.to(device, non_blocking=True)
         del t
+        for observer in observers:
+            observer.observe(job, src, x)
         for st in states:
             placed = _fold_stacked(st, job, src, x)
             if check_finite and placed is not None:

@@ -375,9 +375,9 @@ def _stream(
         )
         for p, sink in zip(planned, sinks, strict=True)
     ]
-    check_same_tensors(sources, labels)
-    plan = build_plan(sources, labels, outputs)
     try:
+        check_same_tensors(sources, labels)
+        plan = build_plan(sources, labels, outputs)
         stats = run_plan(plan, device=device, check_finite=True, progress=progress)
     except NonFiniteError as exc:
         # never average a spiked checkpoint; the engine's hint (--allow-nonfinite) does not apply here
@@ -386,6 +386,9 @@ def _stream(
             f"{message}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
             f"or see `mergescale pma recover`"
         ) from None
+    finally:
+        for source in sources:
+            source.close()
     for p in planned:
         p.result.out_dir = p.sink_dir
         p.result.stats = stats
