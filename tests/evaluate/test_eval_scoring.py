@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from eval_builders import WORDS, bpe_tokenizer, mc_rows, tiny_llama, write_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergescale.evaluate import evaluate, load_suite, load_task
+from mergescale.evaluate import Evaluator, evaluate, load_suite, load_task
 from mergescale.evaluate import scoring as S
 from mergescale.evaluate.encoding import EncoderSettings, encode_choice_requests
 from mergescale.evaluate.generation import generate_greedy
@@ -255,10 +256,15 @@ def test_tokenised_tasks_are_cached_between_calls(suite_dir: Path, word_model: P
     assert list(task.encoding_cache().values()) == [encoded]  # same object: nothing tokenised again
     evaluate(model, task, tokenizer=tok, progress=False, limit=5)
     assert len(task.encoding_cache()) == 2
-    # the same files loaded by path twice give the same (cached) task objects
-    from mergescale.evaluate.api import resolve_tasks
-
-    assert resolve_tasks(suite_dir / "suite.yaml")[0] is resolve_tasks(suite_dir / "suite.yaml")[0]
+    # one Evaluator resolves the same files to the same (cached) task objects; changed files are reloaded
+    evaluator = Evaluator(model, tok)
+    first = evaluator.resolve_tasks(suite_dir / "suite.yaml")
+    assert first[0] is evaluator.resolve_tasks(suite_dir / "suite.yaml")[0]
+    source = first[0].source
+    assert source is not None
+    source.touch()
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert evaluator.resolve_tasks(suite_dir / "suite.yaml")[0] is not first[0]
 
 
 def test_fewshot_prompts_follow_the_harness_sampler(suite_dir: Path, word_model: Path) -> None:

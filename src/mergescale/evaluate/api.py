@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +86,7 @@ def evaluate(
         raise ConfigError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    task_list = resolve_tasks(tasks)
+    task_list = load_tasks(tasks)
     loaded = load_model(model, tokenizer=tokenizer, device=device, dtype=dtype)
     evaluator = Evaluator(loaded.model, loaded.tokenizer, batch_size=batch_size)
     results: dict[str, TaskResult] = {}
@@ -122,13 +120,33 @@ def evaluate(
 
 
 class Evaluator:
-    """Scores tasks on one model; tokenised tasks are cached on the task objects, keyed by tokenizer."""
+    """Scores tasks on one model; tokenised tasks are cached on the task objects, keyed by tokenizer.
+
+    A caller that scores many models with one tokenizer (a study: every merge of one base) keeps one Evaluator
+    and swaps the weights of its ``model`` in place: tasks resolved by :meth:`resolve_tasks` and their encodings
+    are then loaded and tokenised once.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.settings = EncoderSettings.for_model(tokenizer, getattr(model, "config", None))
+        self.tokenizer_key = tokenizer_fingerprint(tokenizer)
+        self._loaded: dict[str, tuple[tuple, list[Task]]] = {}
+
+    def resolve_tasks(self, tasks: TaskSource) -> list[Task]:
+        """``load_tasks``, cached for paths: the same files (same sizes and modification times) give the same
+        Task objects, whose rows and encodings are then reused."""
+        if not isinstance(tasks, str | Path):
+            return load_tasks(tasks)
+        key = str(Path(tasks).resolve())
+        cached = self._loaded.get(key)
+        if cached is not None and cached[0] == _stamp(cached[1], key):
+            return list(cached[1])
+        loaded = load_tasks(tasks)
+        self._loaded[key] = (_stamp(loaded, key), loaded)
+        return list(loaded)
 
     def run_task(
         self,
@@ -212,7 +230,7 @@ class Evaluator:
 
     # -- encoding cache --------------------------------------------------------------------------------------
     def _encoded(self, task: Task, split: str, limit: int | None) -> dict[str, Any]:
-        key = (tokenizer_fingerprint(self.tokenizer), self.settings, split, limit)
+        key = (self.tokenizer_key, self.settings, split, limit)
         cache = task.encoding_cache()
         if key not in cache:
             cache[key] = self._encode(task, split, limit)
@@ -256,19 +274,11 @@ class Evaluator:
         return 0  # any id will do: padded positions are masked out
 
 
-# -- caches ------------------------------------------------------------------------------------------------------
-
-_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOADED_TASKS: OrderedDict[str, tuple[tuple, list[Task]]] = OrderedDict()
-_MAX_LOADED = 32
+# -- helpers -------------------------------------------------------------------------------------------------------
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the tokenizer's full definition (so encodings are shared only by identical tokenizers)."""
-    try:
-        return _TOKENIZER_FINGERPRINTS[tokenizer]
-    except (KeyError, TypeError):
-        pass
     import hashlib
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -276,27 +286,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     extra = repr(
         (type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token, tokenizer.all_special_tokens)
     )
-    fingerprint = hashlib.sha256((text + extra).encode()).hexdigest()[:16]
-    with suppress(TypeError):
-        _TOKENIZER_FINGERPRINTS[tokenizer] = fingerprint
-    return fingerprint
-
-
-def resolve_tasks(tasks: TaskSource) -> list[Task]:
-    """``load_tasks`` with a cache for paths: the same files (same sizes and modification times) give the same
-    Task objects, whose rows and encodings are then reused."""
-    if not isinstance(tasks, str | Path):
-        return load_tasks(tasks)
-    key = str(Path(tasks).resolve())
-    cached = _LOADED_TASKS.get(key)
-    if cached is not None and cached[0] == _stamp(cached[1], key):
-        _LOADED_TASKS.move_to_end(key)
-        return list(cached[1])
-    loaded = load_tasks(tasks)
-    _LOADED_TASKS[key] = (_stamp(loaded, key), loaded)
-    while len(_LOADED_TASKS) > _MAX_LOADED:
-        _LOADED_TASKS.popitem(last=False)
-    return list(loaded)
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
 
 
 def _stamp(tasks: list[Task], key: str) -> tuple:
@@ -313,9 +303,6 @@ def _stamp(tasks: list[Task], key: str) -> tuple:
         except OSError:
             out.append((str(f), None, None))
     return tuple(out)
-
-
-# -- helpers -------------------------------------------------------------------------------------------------------
 
 
 def _per_owner(

@@ -164,35 +164,17 @@ def parse_spec(data: Any, label: str = "spec") -> StudySpec:
             raise ConfigError(f"{label}: unknown key {where!r}{_suggest(str(err['loc'][-1]), known)}") from None
         if err["type"] == "missing":
             raise ConfigError(f"{label}: missing required key {where!r}") from None
-        raise ConfigError(f"{label}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{label}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
     for i, entry in enumerate(spec.methods):
         check_method_entry(entry, f"{label}: methods[{i}]")
     return spec
 
 
 def _fields_at(loc: tuple) -> list[str]:
-    model: Any = StudySpec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        ann = field.annotation
-        for candidate in (GroupSpec, EvalSpec, MethodSpec):
-            if candidate is ann or candidate in getattr(ann, "__args__", ()) or _inner_is(ann, candidate):
-                model = candidate
-                break
-        else:
-            return []
-    return list(model.model_fields)
-
-
-def _inner_is(ann: Any, candidate: type) -> bool:
-    for arg in getattr(ann, "__args__", ()):
-        if arg is candidate or _inner_is(arg, candidate):
-            return True
-    return False
+    """The keys allowed where an unknown key was found (for the "did you mean" hint)."""
+    names = [p for p in loc if not isinstance(p, int)]
+    model = {(): StudySpec, ("groups",): GroupSpec, ("eval",): EvalSpec}.get(tuple(names))
+    return list(model.model_fields) if model is not None else []
 
 
 def check_method_entry(entry: MethodSpec, where: str) -> None:
