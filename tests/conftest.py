@@ -97,3 +97,11 @@ def model_factory(tmp_path_factory) -> Callable[..., dict[str, Path]]:
 @pytest.fixture(scope="session")
 def llama_models(model_factory) -> dict[str, Path]:
     return model_factory("llama", n_experts=3)
+
+
+@pytest.fixture(scope="session")
+def micro_build(tmp_path_factory):
+    """The whole micro world built end to end (~20 s); tests that change it work on a copy."""
+    from mergescale.world.build import build_world
+
+    return build_world(tmp_path_factory.mktemp("micro") / "world", "micro", seed=0, workers=1)

@@ -1,4 +1,5 @@
-"""Fixtures of the world tests: the micro preset's world, generated once and built once per session."""
+"""Fixtures of the world tests: the micro preset's world stage, generated once per session (the whole micro
+build, ``micro_build``, is in tests/conftest.py: the study tests use it too)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from mergescale.world.build import BuildResult, build_world
 from mergescale.world.generate import write_world
 from mergescale.world.presets import MICRO
 
@@ -18,8 +18,3 @@ def generated_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_world(7, MICRO.data, root / "tasks", root / "corpus", root / "tokenizer")
     return root
 
-
-@pytest.fixture(scope="session")
-def micro_build(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    """The whole micro world built end to end (seconds); tests that change it work on a copy."""
-    return build_world(tmp_path_factory.mktemp("micro") / "world", "micro", seed=0, workers=1)

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Sub-command modules, in the order `--help` lists them.
-_COMMAND_MODULES = ("merge", "pma", "eval", "tasks", "world", "demo")
+_COMMAND_MODULES = ("merge", "pma", "eval", "tasks", "world", "study", "demo")
 
 for _name in _COMMAND_MODULES:
     try:

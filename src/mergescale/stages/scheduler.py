@@ -105,14 +105,17 @@ class Scheduler:
         done: Iterable[str] = (),
         on_event: Callable[[Any], None] | None = None,
         on_start: Callable[[Job], None] | None = None,
+        prepare: Callable[[Job], Any] | None = None,
         local_state: Any = None,
     ) -> None:
         """Run ``jobs`` (their dependencies outside ``jobs`` must be in ``done``) as dependencies finish.
 
         ``on_done(job, result)`` is called in this process as each job finishes; ``on_start(job)`` as each is
-        handed to a worker. ``local_state``: the state to use when running here (built with ``make_state`` if
-        None). A job's exception is re-raised here, after the other workers are stopped.
+        handed to a worker; ``prepare(job)``, when given, makes the payload sent at that moment (so it can carry
+        results of the jobs it depends on). ``local_state``: the state to use when running here (built with
+        ``make_state`` if None). A job's exception is re-raised here, after the other workers are stopped.
         """
+        payload_of = prepare or (lambda job: job.payload)
         finished = set(done)
         pending = {j.name: j for j in jobs}
         known = set(pending) | finished
@@ -131,10 +134,10 @@ class Scheduler:
                 del pending[job.name]
                 if on_start:
                     on_start(job)
-                on_done(job, execute(state, job.payload))
+                on_done(job, execute(state, payload_of(job)))
                 finished.add(job.name)
             return
-        self._run_pool(pending, finished, execute, on_done, on_event, on_start)
+        self._run_pool(pending, finished, execute, on_done, on_event, on_start, payload_of)
 
     def _run_pool(
         self,
@@ -144,6 +147,7 @@ class Scheduler:
         on_done: Callable[[Job, Any], None],
         on_event: Callable[[Any], None] | None,
         on_start: Callable[[Job], None] | None,
+        payload_of: Callable[[Job], Any],
     ) -> None:
         ctx = mp.get_context("spawn")
         events = ctx.Queue() if on_event is not None else None
@@ -161,7 +165,7 @@ class Scheduler:
                     (j for j in pending.values() if all(d in finished for d in j.deps)), key=lambda j: -j.priority
                 )
                 for job in ready[: max(0, self.workers + 1 - len(running))]:  # one queued ahead per pool
-                    running[pool.submit(_run_in_worker, execute, job.payload)] = pending.pop(job.name)
+                    running[pool.submit(_run_in_worker, execute, payload_of(job))] = pending.pop(job.name)
                     if on_start:
                         on_start(job)
                 if not warmed:

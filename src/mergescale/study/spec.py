@@ -67,6 +67,13 @@ class EvalSpec(_Strict):
     backend: Literal["mergescale", "lm-eval"] = "mergescale"
 
 
+class HarnessTasks(_Strict):
+    """lm-evaluation-harness task names (with ``eval.backend: lm-eval``); each task is its own category."""
+
+    held_in: list[str] = Field(min_length=1)
+    held_out: list[str] = Field(default_factory=list)
+
+
 class MethodSpec(BaseModel):
     """A method and its parameters; a list value is a sweep (separate cells, or ``select: validation``)."""
 
@@ -95,7 +102,7 @@ class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     world: str | None = None
     groups: list[GroupSpec] | None = None
-    tasks: str | None = None
+    tasks: str | HarnessTasks | None = None
     methods: list[MethodSpec] = Field(min_length=1)
     num_experts: list[int] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -131,6 +138,10 @@ class StudySpec(_Strict):
             names = [g.name for g in self.groups]
             if len(set(names)) != len(names):
                 raise ValueError(f"group names must be unique, got {names}")
+        if isinstance(self.tasks, HarnessTasks) and self.eval.backend != "lm-eval":
+            raise ValueError("tasks given as harness names need eval.backend: lm-eval (or a suite.yaml path)")
+        if self.eval.backend == "lm-eval" and any(m.select == "validation" for m in self.methods):
+            raise ValueError("select: validation needs eval.backend: mergescale (harness tasks fix their own splits)")
         return self
 
 
@@ -173,7 +184,9 @@ def parse_spec(data: Any, label: str = "spec") -> StudySpec:
 def _fields_at(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key was found (for the "did you mean" hint)."""
     names = [p for p in loc if not isinstance(p, int)]
-    model = {(): StudySpec, ("groups",): GroupSpec, ("eval",): EvalSpec}.get(tuple(names))
+    model = {(): StudySpec, ("groups",): GroupSpec, ("eval",): EvalSpec, ("tasks", "HarnessTasks"): HarnessTasks}.get(
+        tuple(names)
+    )
     return list(model.model_fields) if model is not None else []
 
 
