@@ -296,9 +296,9 @@ def plan_chunks(
     the evaluation model and the diagnostics' inputs are held throughout. A cell's candidates stay in one plan
     when they fit, since selection evaluates them together.
     """
-    sizes = _tensor_sizes(job.group.base.path)
-    total = sum(sizes)
-    largest = max(sizes, default=0)
+    sizes = _tensor_sizes(job.group.base.path)  # (bytes, entries) per tensor
+    total = sum(nbytes for nbytes, _ in sizes)
+    largest = max((numel for _, numel in sizes), default=0)
     k = len(job.experts)
     fixed = model_bytes + (4 * (k + 1) * largest if context.diagnostics else 0)
     room = context.memory_budget - fixed
@@ -328,13 +328,14 @@ def plan_chunks(
     return [c for c in chunks if c], scratch
 
 
-def _tensor_sizes(folder: str) -> list[int]:
+def _tensor_sizes(folder: str) -> list[tuple[int, int]]:
+    """(bytes, entries) of every tensor a merge of this base outputs (tied heads are not written)."""
     from mergescale.io.checkpoint import open_checkpoint
 
     source = open_checkpoint(folder)
     try:
         tied = tied_embeddings(source.config)
-        return [i.nbytes for n, i in source.info().items() if not (tied and n in TIED_HEADS)]
+        return [(i.nbytes, i.numel) for n, i in source.info().items() if not (tied and n in TIED_HEADS)]
     finally:
         source.close()
 
