@@ -103,6 +103,36 @@ class DrawRecord:
 
 
 @dataclass(frozen=True)
+class PMAPoint:
+    """One checkpoint average of a pre-training run (see the store's ``pma_points``)."""
+
+    run: str
+    kind: str  # along (the run) / ablation (N x V x strategy at chosen end steps)
+    strategy: str  # sma / ema / wma
+    alpha: float | None
+    n: int
+    interval: str
+    end_step: int
+    loss: float | None
+    last_loss: float | None
+    annealed_loss: float | None
+    recovered: float | None  # (PMA − last) / (annealed − last)
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One training step of a PMA-init or spike-recovery run."""
+
+    run: str
+    experiment: str  # pma_init / spike
+    variant: str  # pma, last / spiked, average, rollback, unspiked
+    step: int
+    loss: float | None
+    grad_norm: float | None
+
+
+@dataclass(frozen=True)
 class CellScores:
     """A merge's normalised aggregates, with the multitask model's on the same tasks."""
 
@@ -149,6 +179,9 @@ class StudyResults:
     scores: list[ScoreRecord]
     draws: list[DrawRecord]
     diagnostics: dict[str, dict[tuple[str, str, str], float | None]]  # draw key -> (stat, a, b) -> value
+    pma_points: list[PMAPoint] = field(default_factory=list)
+    pma_curves: list[CurvePoint] = field(default_factory=list)
+    pma_results: dict[tuple[str, str, str, str], float | None] = field(default_factory=dict)  # (run, experiment, variant, metric)
     _by_cell: dict[str, list[ScoreRecord]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -356,4 +389,21 @@ def load_study(study_dir: str | Path) -> StudyResults:
                 diagnostics.setdefault(r["draw_key"], {})[(r["stat"], r["a"], r["b"])] = r["value"]
         name = store.meta("name") or "?"
         spec = _json(store.meta("spec"), {})
-    return StudyResults(Path(study_dir), name, spec, groups, tasks, cells, scores, draws, diagnostics)
+        points = [
+            PMAPoint(
+                r["run"], r["kind"], r["strategy"], r["alpha"], r["n"], r["interval"], r["end_step"], r["loss"],
+                r["last_loss"], r["annealed_loss"], r["recovered"], _json(r["scores"], {}),
+            )  # fmt: skip
+            for r in store.query("SELECT * FROM pma_points ORDER BY run, kind, strategy, alpha, n, interval, end_step")
+        ]
+        curves = [
+            CurvePoint(r["run"], r["experiment"], r["variant"], r["step"], r["loss"], r["grad_norm"])
+            for r in store.query("SELECT * FROM pma_curves ORDER BY run, experiment, variant, step")
+        ]
+        pma_results = {
+            (r["run"], r["experiment"], r["variant"], r["metric"]): r["value"]
+            for r in store.query("SELECT * FROM pma_results")
+        }
+    return StudyResults(
+        Path(study_dir), name, spec, groups, tasks, cells, scores, draws, diagnostics, points, curves, pma_results
+    )

@@ -22,6 +22,17 @@ selection, wall_s, merge_s, eval_s, peak_rss, bytes_read, versions, finished, cu
     what one read cost: every merge of a draw shares it.
 ``diagnostics(draw_key, stat, a, b, value)``
     task-vector statistics of a draw (:mod:`.diagnostics`).
+``pma_points(run, kind, strategy, alpha, n, interval, end_step, loss, last_loss, annealed_loss, recovered, scores,
+key)``
+    the pre-training paper's averages (``kind``: ``along`` the run, or ``ablation`` at chosen end steps): the
+    average's validation loss, the last checkpoint's and the annealed model's at that step, the share of the
+    anneal's gain recovered, (PMA − last) / (annealed − last), and task scores (JSON).
+``pma_curves(run, experiment, variant, step, loss, grad_norm)``
+    training curves of PMA-init (``experiment`` ``pma_init``; variants ``pma`` / ``last``) and spike recovery
+    (``spike``; variants ``spiked``, ``average``, ``rollback``, ``unspiked``).
+``pma_results(run, experiment, variant, metric, value, key)``
+    their final numbers (final validation loss, gradient-norm std and largest jump, injected / detected spike
+    step, ...).
 
 A job's rows (its cells, their scores, its draw and diagnostics) are written in one transaction, so a kill at any
 moment leaves each cell entirely written or absent, and a rerun computes exactly the absent ones.
@@ -66,6 +77,17 @@ CREATE TABLE IF NOT EXISTS draws (
 CREATE TABLE IF NOT EXISTS diagnostics (
     draw_key TEXT NOT NULL, stat TEXT NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL, value REAL,
     PRIMARY KEY (draw_key, stat, a, b));
+CREATE TABLE IF NOT EXISTS pma_points (
+    run TEXT NOT NULL, kind TEXT NOT NULL, strategy TEXT NOT NULL, alpha REAL, n INTEGER NOT NULL,
+    interval TEXT NOT NULL DEFAULT '', end_step INTEGER NOT NULL, loss REAL, last_loss REAL, annealed_loss REAL,
+    recovered REAL, scores TEXT, key TEXT,
+    PRIMARY KEY (run, kind, strategy, alpha, n, interval, end_step));
+CREATE TABLE IF NOT EXISTS pma_curves (
+    run TEXT NOT NULL, experiment TEXT NOT NULL, variant TEXT NOT NULL, step INTEGER NOT NULL, loss REAL,
+    grad_norm REAL, PRIMARY KEY (run, experiment, variant, step));
+CREATE TABLE IF NOT EXISTS pma_results (
+    run TEXT NOT NULL, experiment TEXT NOT NULL, variant TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
+    key TEXT, PRIMARY KEY (run, experiment, variant, metric));
 CREATE INDEX IF NOT EXISTS scores_by_cell ON scores(cell_key);
 """
 
