@@ -66,12 +66,6 @@ NON_MODEL_GROUPS = frozenset(
     }
 )
 
-# torch warns on every load that no process group exists; that is exactly our intent
-warnings.filterwarnings(
-    "ignore", message=r"torch\.distributed is (disabled|unavailable)", category=UserWarning
-)
-
-
 # plain constructors that run no code of the file's choosing
 _SAFE_GLOBALS = frozenset(
     {
@@ -233,7 +227,12 @@ class DCPCheckpoint:
         info = self.info()[name]
         out = torch.empty(info.shape, dtype=info.dtype)
         try:
-            load({key: out}, storage_reader=self._reader, no_dist=True)
+            with warnings.catch_warnings():
+                # torch warns on every load that no process group exists: that is exactly our intent
+                warnings.filterwarnings(
+                    "ignore", message=r"torch\.distributed is (disabled|unavailable)", category=UserWarning
+                )
+                load({key: out}, storage_reader=self._reader, no_dist=True)
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise InputModelError(
                 f"{info.file}: cannot read tensor {name!r} of {self.path} ({_first_line(exc)})"
