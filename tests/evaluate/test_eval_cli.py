@@ -57,6 +57,32 @@ def test_export_lm_eval_writes_harness_yamls(suite_dir: Path, tmp_path: Path) ->
     assert [m["metric"] for m in mc_b["metric_list"]] == ["acc_norm", "acc"]
 
 
+def test_exported_metrics_run_without_mergescale(suite_dir: Path, tmp_path: Path) -> None:
+    """The harness imports mergescale_metrics.py from the export folder: it must need nothing but Python (run
+    with site-packages off, so mergescale cannot be imported) and score as mergescale does."""
+    import json
+    import subprocess
+    import sys
+
+    from mergescale.evaluate.metrics import GENERATION_METRICS
+
+    out = tmp_path / "lm"
+    assert runner.invoke(app, ["tasks", "export-lm-eval", str(suite_dir), str(out)]).exit_code == 0
+    cases = [("The cat sat.", ["the cat sat", "a dog"]), ("Paris, France", ["paris"]), ("", ["x y"])]
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import mergescale_metrics as m; "
+        "assert not any(k.startswith('mergescale.') or k == 'mergescale' for k in sys.modules); "
+        "print(json.dumps([m.process_results({'references': r}, [o]) for o, r in json.loads(sys.argv[2])]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", script, str(out), json.dumps(cases)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    want = [{name: fn(o, r) for name, fn in GENERATION_METRICS.items()} for o, r in cases]
+    assert got == want
+
+
 def test_bad_task_file_is_one_red_line_and_exit_code_1(tmp_path: Path, monkeypatch, capsys) -> None:
     from mergescale.cli import main
 

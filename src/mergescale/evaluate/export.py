@@ -9,7 +9,7 @@ Each task becomes ``OUT_DIR/<name>.yaml`` (``dataset_path: json`` with absolute 
   ``acc_norm`` match ``mergescale eval``;
 * generation: ``output_type: generate_until`` with ``until`` = the task's stop sequences and
   ``max_gen_toks`` = ``max_new_tokens``; scored by ``mergescale_metrics.process_results`` (written next to the
-  YAMLs), which calls this package's ``exact_match`` / ``f1`` / ``rouge_l``;
+  YAMLs with a copy of this package's ``exact_match`` / ``f1`` / ``rouge_l``: it needs nothing but Python);
 * perplexity: ``output_type: loglikelihood_rolling`` over ``text`` with the harness's own metrics
   (``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``); the harness has no token-weighted loss.
 """
@@ -25,9 +25,9 @@ from mergescale.errors import OutputError
 from mergescale.evaluate.tasks import LOWER_IS_BETTER, Task
 
 _METRICS_MODULE = "mergescale_metrics"
-_METRICS_SOURCE = '''"""Written by `mergescale tasks export-lm-eval`: generation metrics identical to mergescale's."""
+_PROCESS_RESULTS = '''
 
-from mergescale.evaluate.metrics import exact_match, f1, rouge_l
+# -- written by `mergescale tasks export-lm-eval`: the harness calls this for every generation example ---------
 
 
 def process_results(doc, results):
@@ -39,6 +39,17 @@ def process_results(doc, results):
         "rouge_l": rouge_l(output, references),
     }
 '''
+
+
+def metrics_module_source() -> str:
+    """The harness's metric file for generation tasks: our metrics module (pure, standard library only) with a
+    ``process_results`` hook — a copy of the one definition, so the exported tasks run where mergescale is not
+    installed and score exactly as ``mergescale eval`` does."""
+    import inspect
+
+    from mergescale.evaluate import metrics
+
+    return inspect.getsource(metrics) + _PROCESS_RESULTS
 
 
 class _Dumper(yaml.SafeDumper):
@@ -119,7 +130,7 @@ def export_lm_eval(tasks: list[Task], out_dir: str | Path, *, prefix: str = "") 
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         if any(t.kind == "generation" for t in tasks):
-            (out / f"{_METRICS_MODULE}.py").write_text(_METRICS_SOURCE, encoding="utf-8")
+            (out / f"{_METRICS_MODULE}.py").write_text(metrics_module_source(), encoding="utf-8")
         for task in tasks:
             name = prefix + task.name
             path = out / f"{name}.yaml"
