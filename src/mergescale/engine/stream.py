@@ -213,6 +213,10 @@ def release_free_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+# How long an aborted run waits for the write in progress before deleting the outputs under it: one tensor's
+# write (a few GB at most, at disk speed); a writer stuck longer (a hung network file system) is abandoned.
+_WRITE_FINISH_SECONDS = 30
+
 # glibc while a run's allocator settings are in force (see allocator_settings), else None
 _LIBC = None
 # allocations from this size on are preceded by :func:`release_free_heap`
@@ -332,7 +336,7 @@ def _run_plan(
         if writer.is_alive():
             # let a write in progress finish before its file is closed and deleted under it
             write_q.put(_DONE)
-            writer.join(timeout=30)
+            writer.join(timeout=_WRITE_FINISH_SECONDS)
         for out in plan.outputs:
             out.sink.abort()
         raise
