@@ -105,8 +105,11 @@ def test_tokenizer_is_word_level_and_exact(generated_world: Path) -> None:
 
 def test_supervised_examples_train_on_the_answer_only(generated_world: Path) -> None:
     tok = PreTrainedTokenizerFast.from_pretrained(str(generated_world / "tokenizer"))
-    rows = [{"context": "Question: Is it?\nAnswer:", "choices": ["yes", "no"], "gold": 1}]
-    data = SupervisedDataset(tok, task_pairs(rows, "multiple_choice"), max_length=64)
+    from mergescale.evaluate.tasks import MultipleChoiceRow, Task
+
+    task = Task(name="t", data={"test": "test.jsonl"})
+    rows = [MultipleChoiceRow(context="Question: Is it?\nAnswer:", choices=["yes", "no"], gold=1)]
+    data = SupervisedDataset(tok, task_pairs(task, rows), max_length=64)
     ex = data[0]
     prompt_len = len(tok("Question: Is it?\nAnswer:")["input_ids"])
     assert ex["labels"][:prompt_len] == [IGNORE] * prompt_len

@@ -29,6 +29,7 @@ from mergescale.evaluate.encoding import (
 from mergescale.evaluate.generation import generate_greedy
 from mergescale.evaluate.loading import load_model
 from mergescale.evaluate.prompts import build_contexts
+from mergescale.evaluate.prompts import continuations as prompt_continuations
 from mergescale.evaluate.results import EvalResults, EvalSettings, TaskResult, category_means
 from mergescale.evaluate.scoring import score_loglikelihoods
 from mergescale.evaluate.tasks import Suite, Task, load_tasks
@@ -250,7 +251,7 @@ class Evaluator:
                 "prompts": encode_batch(self.tokenizer, self.settings, contexts),
                 "contexts": contexts,
             }
-        continuations = [[task.target_delimiter + c for c in row.choices] for row in rows]
+        continuations = [prompt_continuations(task, row) for row in rows]
         try:
             requests = encode_choice_requests(self.tokenizer, self.settings, contexts, continuations)
         except TaskError as exc:

@@ -30,10 +30,25 @@ def fewshot_indices(n_docs: int, n_train: int, k: int, seed: int) -> list[list[i
     return [rnd.sample(population, k) for _ in range(n_docs)]
 
 
-def _question_answer(row: MultipleChoiceRow | GenerationRow) -> tuple[str, str]:
+def question_answer(row: MultipleChoiceRow | GenerationRow) -> tuple[str, str]:
+    """A row's question and its answer: ``(context, choices[gold])`` or ``(prompt, references[0])``."""
     if isinstance(row, MultipleChoiceRow):
         return row.context, row.choices[row.gold]
     return row.prompt, row.references[0]
+
+
+def continuations(task: Task, row: MultipleChoiceRow) -> list[str]:
+    """What multiple choice scores after the context: ``target_delimiter + choice``, for every choice."""
+    return [task.target_delimiter + c for c in row.choices]
+
+
+def training_pair(task: Task, row: MultipleChoiceRow | GenerationRow) -> tuple[str, str]:
+    """A (prompt, answer) pair that teaches a model the task as it is scored: the question, then
+    ``target_delimiter + answer`` — for generation followed by the task's first stop sequence, since greedy
+    generation is cut there."""
+    question, answer = question_answer(row)
+    stop = task.generation.stop[0] if isinstance(row, GenerationRow) and task.generation.stop else ""
+    return question, task.target_delimiter + answer + stop
 
 
 def build_contexts(
@@ -51,8 +66,8 @@ def build_contexts(
         parts: list[str] = []
         for j in picks:
             assert train is not None
-            q, a = _question_answer(train[j])
+            q, a = question_answer(train[j])
             parts.append(q + task.target_delimiter + a + task.fewshot_delimiter)
-        parts.append(_question_answer(row)[0])
+        parts.append(question_answer(row)[0])
         contexts.append("".join(parts))
     return contexts

@@ -1,9 +1,10 @@
 """Training data as tensors: packed pre-training blocks and supervised (prompt, answer) examples.
 
-Supervised examples are built the way the evaluator reads tasks, so what an expert learns is what it is scored
-on: a multiple-choice row becomes ``context + target_delimiter + gold choice`` (loss on the choice), a generation
-row ``prompt + " " + reference + "\\n"`` (loss on the answer and the newline the evaluator stops at), an
-instruction row likewise. No BOS is added: the tokenizer adds none, and neither does the evaluator.
+Supervised examples are built by the evaluator's own formats (:func:`mergescale.evaluate.prompts.training_pair`),
+so what an expert learns is what it is scored on: a multiple-choice row becomes ``context + target_delimiter +
+gold choice`` (loss on the choice), a generation row ``prompt + target_delimiter + reference + stop`` (loss on the
+answer and the newline the evaluator stops at); an instruction row is ``prompt + " " + response + "\\n"``.
+No BOS is added: the tokenizer adds none, and neither does the evaluator.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from mergescale.evaluate.prompts import continuations, training_pair
+from mergescale.evaluate.tasks import GenerationRow, MultipleChoiceRow, Task
 
 IGNORE = -100  # label ignored by the loss (prompt and padding tokens)
 
@@ -46,26 +50,16 @@ def pack_documents(tokenizer: Any, docs: Sequence[str], block_size: int) -> torc
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)  # (N, block_size)
 
 
-def task_pairs(
-    rows: Sequence[dict[str, Any]], kind: str, target_delimiter: str = " "
-) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from task rows in the evaluation format."""
-    if kind == "multiple_choice":
-        return [(r["context"], target_delimiter + r["choices"][r["gold"]]) for r in rows]
-    if kind == "generation":
-        return [(r["prompt"], " " + r["references"][0] + "\n") for r in rows]
-    raise ValueError(f"cannot fine-tune on a task of kind {kind!r}")
+def task_pairs(task: Task, rows: Sequence[MultipleChoiceRow | GenerationRow]) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of task rows, formatted as the evaluator scores them (``training_pair``)."""
+    if task.kind not in ("multiple_choice", "generation"):
+        raise ValueError(f"cannot fine-tune on a task of kind {task.kind!r}")
+    return [training_pair(task, r) for r in rows]
 
 
-def task_candidates(
-    rows: Sequence[dict[str, Any]],
-    kind: str,
-    target_delimiter: str = " ",
-) -> list[list[str] | None]:
+def task_candidates(task: Task, rows: Sequence[MultipleChoiceRow | GenerationRow]) -> list[list[str] | None]:
     """For model selection: the continuations a multiple-choice row chooses between (None for generation)."""
-    if kind == "multiple_choice":
-        return [[target_delimiter + c for c in r["choices"]] for r in rows]
-    return [None] * len(rows)
+    return [continuations(task, r) if isinstance(r, MultipleChoiceRow) else None for r in rows]
 
 
 def instruction_pairs(rows: Sequence[dict[str, str]]) -> list[tuple[str, str]]:

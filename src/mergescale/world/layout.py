@@ -21,8 +21,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 BASE_KINDS = ("pt", "it")
+Role = Literal["base", "expert", "multitask"]
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """A model of the world: its size, base kind (pt / it), role, and task for an expert.
+
+    ``str(ModelId("m", "it", "expert", "nli")) == "m/it/experts/nli"``: its folder under ``DIR/models`` and its key
+    in scores.json; :meth:`parse` reads that form back.
+    """
+
+    size: str
+    kind: str
+    role: Role
+    task: str | None = None
+
+    def __str__(self) -> str:
+        if self.role == "expert":
+            return f"{self.size}/{self.kind}/experts/{self.task}"
+        return f"{self.size}/{self.kind}/{self.role}"
+
+    @classmethod
+    def parse(cls, text: str) -> ModelId:
+        parts = text.split("/")
+        if len(parts) == 3 and parts[2] in ("base", "multitask"):
+            return cls(parts[0], parts[1], parts[2])  # type: ignore[arg-type]
+        if len(parts) == 4 and parts[2] == "experts":
+            return cls(parts[0], parts[1], "expert", parts[3])
+        raise ValueError(f"not a world model id: {text!r} (size/kind/base, size/kind/multitask, size/kind/experts/task)")
+
+    @property
+    def file_stem(self) -> str:
+        """A file name for this model (``m__it__experts__nli``)."""
+        return str(self).replace("/", "__")
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,18 @@ class WorldLayout:
     def multitask(self, size: str, kind: str) -> Path:
         return self.root / "models" / size / kind / "multitask"
 
-    def model_id(self, path: Path) -> str:
-        """A model's id in scores.json: its folder relative to ``DIR/models`` (``m/it/experts/nli``)."""
-        return path.relative_to(self.root / "models").as_posix()
+    def model(self, model: ModelId) -> Path:
+        """A model's folder."""
+        return self.root / "models" / str(model)
+
+    def models(self, size: str, kind: str, held_in: tuple[str, ...]) -> list[ModelId]:
+        """The models of one base: the base, one expert per held-in task, the multitask model."""
+        return [
+            ModelId(size, kind, "base"),
+            *(ModelId(size, kind, "expert", t) for t in held_in),
+            ModelId(size, kind, "multitask"),
+        ]
+
+    def scores_cache(self, model: ModelId) -> Path:
+        """The cached evaluation of a model."""
+        return self.cache / "scores" / f"{model.file_stem}.json"
