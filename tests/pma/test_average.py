@@ -36,11 +36,14 @@ def weighted_sum(run, steps, weights, name="checkpoint-{}") -> dict[str, torch.T
 
 
 def assert_matches(folder, expected: dict[str, torch.Tensor], dtype=torch.float32, atol=1e-6):
+    """The average equals the float64 formula up to the output dtype's rounding: float32 accumulation costs a few
+    ulps relative to the values (rtol 1e-6, ~8 ulps), bf16 output one bf16 ulp (2**-7 relative)."""
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
     got = load_weights(folder)
     assert got.keys() == expected.keys()
     for k, t in got.items():
         assert t.dtype == dtype, k
-        torch.testing.assert_close(t.double(), expected[k].to(dtype).double(), atol=atol, rtol=0)
+        torch.testing.assert_close(t.double(), expected[k].to(dtype).double(), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("strategy", ["sma", "ema", "wma"])
@@ -77,7 +80,7 @@ def test_output_is_an_ordinary_model_folder(hf_run, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("w1 w2")["input_ids"] == [5, 6]
     expected = weighted_sum(hf_run, [400, 500, 600], [1 / 3] * 3)
     torch.testing.assert_close(
-        model.state_dict()["lm_head.weight"].double(), expected["lm_head.weight"], atol=1e-6, rtol=0
+        model.state_dict()["lm_head.weight"].double(), expected["lm_head.weight"], atol=1e-6, rtol=1e-6
     )
 
 
