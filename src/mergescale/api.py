@@ -21,6 +21,7 @@ from mergescale.config import (
     model_resolver,
     num_layers,
 )
+from mergescale.device import check_device
 from mergescale.engine.plan import MergePlan, OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.io.checkpoint import TensorSource, open_checkpoint, resolve_model_path
@@ -118,6 +119,7 @@ def merge(
         ConfigError, InputModelError, TensorMismatchError, NonFiniteError, OutputError: before anything is
         written to ``out_dir``.
     """
+    check_device(device)
     cfg = _as_config(config)
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
@@ -148,6 +150,7 @@ def merge_to_memory(
     progress: bool = False,
 ) -> MergeResult:
     """Merge without writing: the merged weights come back as a state dict (e.g. to evaluate in memory)."""
+    check_device(device)
     cfg = _as_config(config)
     sink = MemorySink()
     plan = plan_merges([(cfg, sink)])

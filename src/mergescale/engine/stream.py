@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergescale.device import check_device
 from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
 from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
@@ -219,7 +220,7 @@ def run_plan(
     Returns:
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
     """
-    device = torch.device(device)
+    device = check_device(device)
     tune_allocator()
     saved_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mergescale import __version__
+from mergescale.device import check_device
 from mergescale.errors import ConfigError, TaskError
 from mergescale.evaluate import metrics as M
 from mergescale.evaluate.encoding import (
@@ -75,6 +76,7 @@ def evaluate(
         results = evaluate("out/merged", "world/tasks/suite.yaml", limit=200)
         results.score("sentiment")          # primary metric (first of the task's metrics)
     """
+    check_device(device)
     if backend == "lm-eval":
         from mergescale.evaluate.lm_eval_backend import evaluate_lm_eval
 

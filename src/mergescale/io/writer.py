@@ -120,10 +120,13 @@ class AtomicFolder:
         self.tmp: Path | None = None
 
     def create(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(self.target)
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.target)
+            self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"output folder {self.target}: cannot create it ({_why(exc)})") from None
         return self.tmp
 
     def commit(self) -> None:
@@ -146,12 +149,40 @@ class AtomicFolder:
 
 
 def check_output_folder(target: Path, *, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``."""
+    """Refuse an output path that is a file, a non-empty folder unless ``overwrite``, or a place that cannot be
+    written (its nearest existing folder is not writable, or on a read-only file system)."""
+    target = Path(target)
     if target.exists():
         if not target.is_dir():
             raise OutputError(f"output path {target} exists and is not a folder")
         if not overwrite and any(target.iterdir()):
             raise OutputError(f"output folder {target} is not empty (use --overwrite to replace it)")
+    check_writable(target)
+
+
+def check_writable(target: Path) -> None:
+    """Refuse ``target`` when the folder it would be created in cannot be written: its nearest existing
+    ancestor is a file, is not writable, or sits on a read-only file system. (A pseudo file system such as
+    ``/proc`` passes here and fails when the folder is created, with the same kind of error.)"""
+    target = Path(target).absolute()
+    existing = target if target.exists() else next((p for p in target.parents if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise OutputError(f"output folder {target}: cannot create it ({existing} is a file)")
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    except OSError:
+        read_only = False
+    if read_only:
+        raise OutputError(f"output folder {target}: cannot write there ({existing} is on a read-only file system)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {target}: cannot write there (no permission to write in {existing})")
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as a short reason: ``Read-only file system: '/mnt/x'``."""
+    return f"{exc.strerror}: {str(exc.filename)!r}" if exc.strerror and exc.filename else str(exc)
 
 
 def _remove_stale_temporaries(target: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from mergescale import __version__
 from mergescale.config import parse_dtype
+from mergescale.device import check_device
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError, NonFiniteError, OutputError, TensorMismatchError
@@ -178,6 +179,7 @@ def average_checkpoints(
         OutputError: ``out_dir`` is not empty (without ``overwrite``).
         Nothing is written to ``out_dir`` on any error.
     """
+    check_device(device)
     settings = PMASettings(
         strategy=strategy,
         window=window,
@@ -269,6 +271,7 @@ def sweep_checkpoints(
     that uses it. Errors are raised before anything is written, as for :func:`average_checkpoints`; identical
     combinations (e.g. ``alpha`` swept with ``sma``) are written once.
     """
+    check_device(device)
     base = PMASettings(strategy=strategy, window=window, interval=interval, end=end, alpha=alpha)
     out_dtype = _dtype(dtype)
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mergescale.device import check_device
 from mergescale.errors import ConfigError, InputModelError
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
@@ -82,6 +83,7 @@ def recover(
         InputModelError: no loss log; no checkpoint before the spike.
         and everything :func:`~mergescale.pma.average.average_checkpoints` raises.
     """
+    check_device(device)
     info = discover_run(run_dir, tokens_per_step=tokens_per_step)
     if loss_log is not None:
         log, source = read_loss_log(loss_log), Path(loss_log)
