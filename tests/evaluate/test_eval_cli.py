@@ -72,3 +72,32 @@ def test_bad_task_file_is_one_red_line_and_exit_code_1(tmp_path: Path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "test.jsonl:2: invalid JSON" in err
     assert "Traceback" not in err and len(err.replace(str(tmp_path), "").splitlines()) == 1
+
+
+def _main_error(monkeypatch, capsys, *args: str) -> str:
+    """Run ``main()`` as the console script does; return its one error line (exit code 1 asserted)."""
+    from mergescale.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mergescale", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 1
+    else:
+        raise AssertionError("main() did not exit")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_local_model_path_says_it_does_not_exist(
+    suite_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Not "Repo id must be in the form ..." (transformers' answer to a path it takes for a Hub id)."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for ref in ("./missing/model", str(tmp_path / "missing" / "model"), "models/base"):
+        err = _main_error(monkeypatch, capsys, "eval", ref, "--tasks", str(suite_dir), "-o", "r.json")
+        assert f"model path {ref} does not exist" in err and "Repo id" not in err, err
+    assert "models has no 'base'" in err
+    assert not (tmp_path / "r.json").exists()

@@ -1,3 +1,6 @@
+import os
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -93,3 +96,27 @@ def test_mapped_tensors_equal_read_ones_and_writes_never_reach_the_file(tmp_path
     assert (tmp_path / "model.safetensors").read_bytes() == before
     mapped = open_checkpoint(tmp_path).map("a")
     assert torch.equal(mapped, tensors["a"])  # a map outlives the checkpoint's closed files
+
+
+def test_pickle_refusal_is_one_line_naming_the_file(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"w": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(InputModelError) as refused:
+        open_checkpoint(tmp_path).info()
+    message = str(refused.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{tmp_path / 'pytorch_model.bin'}: refused by torch.load(weights_only=True)")
+    assert "posix.system" in message or "nt.system" in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for ref in ("./models/base", "models/base", str(tmp_path / "models" / "base"), "nothing-here"):
+        with pytest.raises(InputModelError, match=f"^model path {re.escape(ref)} does not exist"):
+            open_checkpoint(ref)

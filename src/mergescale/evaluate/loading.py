@@ -24,6 +24,7 @@ import torch
 from mergescale.config import parse_dtype as parse_config_dtype
 from mergescale.errors import InputModelError
 from mergescale.evaluate.results import ModelIdentity
+from mergescale.io.checkpoint import looks_like_hub_id, missing_model_path
 
 _TAIL_BYTES = 64 * 1024
 _SAMPLE_BYTES = 32
@@ -85,16 +86,19 @@ def load_model(
             source="folder", path=str(path.resolve()), name=path.name, hash=folder_hash(path)
         )
         source = str(path)
-    else:
+    elif looks_like_hub_id(model):
         identity = ModelIdentity(source="hub", path=str(model), name=str(model), hash="")
         source = str(model)
+    else:
+        raise missing_model_path(model)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype if torch_dtype is not None else "auto"
         )
     except Exception as exc:  # transformers raises OSError/ValueError/... with long messages
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputModelError(f"{source}: cannot load the model: {first}") from None
+        where = "no such local folder, and loading it from the Hub failed" if identity.source == "hub" else ""
+        raise InputModelError(f"{source}: {where or 'cannot load the model'}: {first}") from None
     loaded.to(device)
     loaded.eval()
     if identity.source == "hub":

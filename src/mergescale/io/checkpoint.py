@@ -242,7 +242,7 @@ class TorchBinCheckpoint:
             # weights_only: never run pickled code from a checkpoint; mmap: read lazily from disk
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise InputModelError(f"{file}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+            raise InputModelError(_load_refusal(file, exc)) from None
         if not isinstance(state, dict):
             raise InputModelError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
         self._loaded = (file, state)
@@ -265,6 +265,18 @@ class TorchBinCheckpoint:
         self._loaded = None
 
 
+def _load_refusal(file: Path, exc: Exception) -> str:
+    """torch.load's error as one line. A pickle calling code gives a paragraph about the default of
+    ``weights_only``; only the line saying what it tried to load is kept."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))]
+        reason = detail[0] if detail else lines[0].split(".")[0]
+        return f"{file}: refused by torch.load(weights_only=True), it holds more than tensors: {reason}"
+    reason = lines[0] if lines else type(exc).__name__
+    return f"{file}: cannot load with torch.load(weights_only=True) ({type(exc).__name__}: {reason})"
+
+
 def _index_files(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -276,6 +288,25 @@ def _index_files(index_path: Path) -> list[Path]:
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def looks_like_hub_id(ref: str | Path) -> bool:
+    """Whether a reference that is no local folder may be a Hub id: a string ``namespace/name`` whose first
+    part is not a local folder either (``models/base`` beside a ``models/`` folder is a missing local path)."""
+    return (
+        isinstance(ref, str)
+        and bool(_HUB_ID.match(ref))
+        and not ref.startswith(".")
+        and not Path(ref.split("/")[0]).exists()
+    )
+
+
+def missing_model_path(ref: str | Path) -> InputModelError:
+    """The error for a local model path that does not exist, naming the deepest part of it that does."""
+    path = Path(ref).expanduser()
+    existing = next((p for p in path.parents if str(p) not in ("", ".") and p.is_dir()), None)
+    hint = f" ({existing} has no {path.relative_to(existing).parts[0]!r})" if existing is not None else ""
+    return InputModelError(f"model path {ref} does not exist{hint}")
+
+
 def resolve_model_path(ref: str | Path) -> Path:
     """A local folder, or a Hub id downloaded (weights, config and tokenizer only) with huggingface_hub."""
     path = Path(ref).expanduser()
@@ -283,7 +314,7 @@ def resolve_model_path(ref: str | Path) -> Path:
         if not path.is_dir():
             raise InputModelError(f"{path}: expected a model folder, got a file")
         return path
-    if isinstance(ref, str) and _HUB_ID.match(ref):
+    if looks_like_hub_id(ref):
         from huggingface_hub import snapshot_download
 
         try:
@@ -292,11 +323,12 @@ def resolve_model_path(ref: str | Path) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
             )
         except Exception as exc:  # offline, missing repo, auth: all the same to the user
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise InputModelError(
-                f"model {ref!r}: no such local folder, and the Hub download failed ({type(exc).__name__}: {exc})"
+                f"model {ref!r}: no such local folder, and the Hub download failed ({type(exc).__name__}: {first})"
             ) from None
         return Path(local)
-    raise InputModelError(f"model path {ref} does not exist")
+    raise missing_model_path(ref)
 
 
 def open_checkpoint(ref: str | Path) -> TensorSource:
