@@ -24,7 +24,7 @@ import torch
 from mergescale.config import parse_dtype as parse_config_dtype
 from mergescale.errors import InputModelError
 from mergescale.evaluate.results import ModelIdentity
-from mergescale.io.checkpoint import looks_like_hub_id, missing_model_path
+from mergescale.io.checkpoint import looks_like_hub_id, missing_model_path, read_safetensors_header
 
 _TAIL_BYTES = 64 * 1024
 _SAMPLE_BYTES = 32
@@ -128,23 +128,17 @@ def folder_hash(path: Path) -> str:
     for file in weights:
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
+        # a safetensors header is checked as the safetensors library checks it before any offset is used
+        entries = read_safetensors_header(file) if file.suffix == ".safetensors" else None
         with file.open("rb") as fh:
-            if file.suffix == ".safetensors" and size >= 8:
+            if entries is not None:
                 (header_len,) = struct.unpack("<Q", fh.read(8))
-                header_bytes = fh.read(min(header_len, size - 8))
-                digest.update(header_bytes)
-                try:
-                    header = json.loads(header_bytes)
-                except ValueError:
-                    raise InputModelError(
-                        f"{file}: not a valid safetensors file (unreadable header)"
-                    ) from None
-                base = 8 + header_len
-                for name in sorted(k for k in header if k != "__metadata__"):
-                    start, end = header[name]["data_offsets"]
-                    fh.seek(base + start)
+                digest.update(fh.read(header_len))
+                for name in sorted(entries):
+                    start, end = entries[name].begin, entries[name].end
+                    fh.seek(start)
                     digest.update(fh.read(min(_SAMPLE_BYTES, end - start)))
-                    fh.seek(base + max(start, end - _SAMPLE_BYTES))
+                    fh.seek(max(start, end - _SAMPLE_BYTES))
                     digest.update(fh.read(min(_SAMPLE_BYTES, end - start)))
             else:
                 fh.seek(max(0, size - _TAIL_BYTES))
