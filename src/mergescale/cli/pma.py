@@ -208,6 +208,9 @@ def recover_command(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the checkpoints' own)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="With --eval-data: let a model run code it ships (its auto_map)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report spikes and the plan; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -224,7 +227,7 @@ def recover_command(
     result = recover(
         run_dir, out if out is not None else Path("pma-recover"), k=k, loss_log=loss_log, rule=rule,
         strategy=strategy, eval_data=eval_data, dtype=dtype, device=device, overwrite=overwrite, dry_run=dry_run,
-        progress=not quiet,
+        progress=not quiet, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     console.print(f"loss log: {result.loss_log_source} ({len(result.loss_log)} entries)")
     if not result.spikes:

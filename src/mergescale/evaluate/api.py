@@ -53,6 +53,7 @@ def evaluate(
     split: str = "test",
     backend: str = "mergescale",
     include_path: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> EvalResults:
     """Evaluate ``model`` on ``tasks`` and return per-task metrics, category means and the model's identity.
 
@@ -70,6 +71,8 @@ def evaluate(
             selection).
         backend: ``"mergescale"`` (this scorer) or ``"lm-eval"`` (lm-evaluation-harness, optional extra).
         include_path: extra task folder for the harness (``backend="lm-eval"``).
+        trust_remote_code: let transformers run code shipped with the model (its ``auto_map``); off by default,
+            and a model that asks for it is refused with an error (never a prompt).
 
     Example::
 
@@ -82,7 +85,7 @@ def evaluate(
 
         return evaluate_lm_eval(
             model, tasks, tokenizer=tokenizer, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-            log_samples=log_samples, include_path=include_path,
+            log_samples=log_samples, include_path=include_path, trust_remote_code=trust_remote_code,
         )  # fmt: skip
     if backend != "mergescale":
         raise ConfigError(f"unknown evaluation backend {backend!r}; available: lm-eval, mergescale")
@@ -91,7 +94,9 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     task_list = resolve_tasks(tasks)
-    loaded = load_model(model, tokenizer=tokenizer, device=device, dtype=dtype)
+    loaded = load_model(
+        model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     evaluator = Evaluator(loaded.model, loaded.tokenizer, batch_size=batch_size)
     results: dict[str, TaskResult] = {}
     samples: list[dict[str, Any]] = []

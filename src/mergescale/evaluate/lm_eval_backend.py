@@ -42,6 +42,7 @@ def evaluate_lm_eval(
     dtype: Any | None = None,
     log_samples: bool = False,
     include_path: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> EvalResults:
     """Evaluate with lm-evaluation-harness and return the same results format as :func:`evaluate`.
 
@@ -72,7 +73,9 @@ def evaluate_lm_eval(
         if not names:
             raise TaskError("no lm-eval task names given")
 
-    loaded = load_model(model, tokenizer=tokenizer, device=device, dtype=dtype)
+    loaded = load_model(
+        model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, backend="causal")
     results: dict[str, TaskResult] = {}
     samples: list[dict[str, Any]] = []

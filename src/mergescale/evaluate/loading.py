@@ -50,12 +50,19 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(
-    model: Any, *, tokenizer: Any | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None
+    model: Any,
+    *,
+    tokenizer: Any | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``model`` (a folder, a Hub id, or a ``PreTrainedModel`` in memory) and its tokenizer.
 
     A model in memory is used where it is, in its own dtype (``device`` and ``dtype`` apply to loaded
     models only); its tokenizer is ``tokenizer`` or, failing that, loaded from ``model.name_or_path``.
+    A folder whose ``config.json`` or ``tokenizer_config.json`` names code of its own (``auto_map``) is
+    refused unless ``trust_remote_code`` (see :func:`check_remote_code`); transformers is never asked to prompt.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -67,7 +74,8 @@ def load_model(
                     f"model in memory ({type(model).__name__}, name_or_path={source!r}): pass tokenizer=, "
                     "its name_or_path is not a folder with a tokenizer"
                 )
-            tokenizer = _load_tokenizer(AutoTokenizer, source)
+            check_remote_code(Path(source), trust_remote_code=trust_remote_code)
+            tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code)
         identity = ModelIdentity(
             source="memory", name=getattr(model, "name_or_path", None) or None, hash=memory_hash(model)
         )
@@ -82,6 +90,7 @@ def load_model(
     if path.exists():
         if not (path / "config.json").is_file():
             raise InputModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+        check_remote_code(path, trust_remote_code=trust_remote_code)
         identity = ModelIdentity(
             source="folder", path=str(path.resolve()), name=path.name, hash=folder_hash(path)
         )
@@ -93,9 +102,12 @@ def load_model(
         raise missing_model_path(model)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype if torch_dtype is not None else "auto"
+            source,
+            dtype=torch_dtype if torch_dtype is not None else "auto",
+            trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # transformers raises OSError/ValueError/... with long messages
+        _refuse_custom_code(source, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "no such local folder, and loading it from the Hub failed" if identity.source == "hub" else ""
         raise InputModelError(f"{source}: {where or 'cannot load the model'}: {first}") from None
@@ -104,16 +116,60 @@ def load_model(
     if identity.source == "hub":
         identity = identity.model_copy(update={"hash": memory_hash(loaded)})
     if tokenizer is None:
-        tokenizer = _load_tokenizer(AutoTokenizer, source)
+        tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code)
     return LoadedModel(model=loaded, tokenizer=tokenizer, identity=identity, in_memory=False)
 
 
-def _load_tokenizer(auto: Any, source: str) -> Any:
+def _load_tokenizer(auto: Any, source: str, trust_remote_code: bool = False) -> Any:
     try:
-        return auto.from_pretrained(source)
+        return auto.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        _refuse_custom_code(source, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputModelError(f"{source}: cannot load the tokenizer: {first}") from None
+
+
+_REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_remote_code(folder: Path, *, trust_remote_code: bool) -> None:
+    """Refuse a model folder that names code of its own, unless ``trust_remote_code``.
+
+    A ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` asks transformers to import Python files
+    shipped with the model: arbitrary code. transformers would prompt for it (and run it on a ``y`` from
+    stdin) or, for a known ``model_type``, silently ignore it and load another architecture than the author's;
+    here both are an error that names the file and the flag. Unreadable files are left for transformers.
+
+    Raises:
+        InputModelError: the folder names its own code and ``trust_remote_code`` is False.
+    """
+    if trust_remote_code:
+        return
+    for name in _REMOTE_CODE_FILES:
+        path = folder / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            values = list(auto_map.values()) if isinstance(auto_map, dict) else list(auto_map)
+            code = next((v for v in values if v), values[0] if values else auto_map)
+            shown = ", ".join(map(str, code)) if isinstance(code, list | tuple) else str(code)
+            raise InputModelError(
+                f"{path}: auto_map names code shipped with the model ({shown}); mergescale never runs a "
+                "model's own code unless you pass --trust-remote-code (trust_remote_code=True)"
+            )
+
+
+def _refuse_custom_code(source: str, exc: Exception) -> None:
+    """transformers' refusal of a Hub model's own code (trust_remote_code=False) as our one-line error."""
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        raise InputModelError(
+            f"{source}: the model needs code of its own to load; mergescale never runs a model's own code "
+            "unless you pass --trust-remote-code (trust_remote_code=True)"
+        ) from None
 
 
 def folder_hash(path: Path) -> str:

@@ -69,6 +69,7 @@ def recover(
     dry_run: bool = False,
     progress: bool = True,
     tokens_per_step: int | None = None,
+    trust_remote_code: bool = False,
 ) -> RecoveryResult:
     """Detect spikes in a run's loss log and average the ``k`` checkpoints before the first unrecovered one.
 
@@ -77,7 +78,8 @@ def recover(
     A checkpoint counts as before the spike when its weights fed a normal logged loss (its step is below the
     last normal logged step). The average (``strategy``, default SMA as in the paper) goes to ``out_dir``;
     nothing is written when every spike recovered. With ``eval_data`` (text or JSONL) the held-out loss of the
-    average and of the rollback checkpoint are computed (float32, on the CPU).
+    average and of the rollback checkpoint are computed (float32, on the CPU); a model naming code of its own
+    (``auto_map``) is refused for that unless ``trust_remote_code``.
 
     Raises:
         InputModelError: no loss log; no checkpoint before the spike.
@@ -119,9 +121,13 @@ def recover(
     check_output_folder(out, overwrite=overwrite)
     texts = None
     if eval_data is not None:
+        from mergescale.evaluate.loading import check_remote_code
         from mergescale.pma.heldout import load_texts
 
         texts = load_texts(eval_data)  # fail on bad eval data before the average is written
+        for folder in dict.fromkeys([info.root, *(c.folder for c in window), *(c.path for c in window)]):
+            if folder is not None:  # ... and on a model that names code of its own
+                check_remote_code(folder, trust_remote_code=trust_remote_code)
     _stream(
         sub,
         [_Planned(result.averaged, out)],
@@ -132,12 +138,17 @@ def recover(
         max_shard_size="5GB",
     )
     if texts is not None:
-        result.eval_losses = _compare(out, result.rollback, info, texts, eval_batch_size)
+        result.eval_losses = _compare(out, result.rollback, info, texts, eval_batch_size, trust_remote_code)
     return result
 
 
 def _compare(
-    averaged: Path, rollback: CheckpointRef, info: RunInfo, texts: list[str], batch_size: int
+    averaged: Path,
+    rollback: CheckpointRef,
+    info: RunInfo,
+    texts: list[str],
+    batch_size: int,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     from mergescale.pma.heldout import find_tokenizer_folder, folder_loss
 
@@ -146,13 +157,20 @@ def _compare(
     if not (rollback.path / "config.json").is_file():
         config = _config_of(averaged)
     return {
-        "average": folder_loss(averaged, texts, tokenizer_folder=tokenizer, batch_size=batch_size),
+        "average": folder_loss(
+            averaged,
+            texts,
+            tokenizer_folder=tokenizer,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        ),
         "rollback": folder_loss(
             resolve_model_path(rollback.path),
             texts,
             tokenizer_folder=tokenizer,
             config=config,
             batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
         ),
     }
 
