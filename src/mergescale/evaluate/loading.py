@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ def load_model(
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load ``model`` (a folder, a Hub id, or a ``PreTrainedModel`` in memory) and its tokenizer.
 
@@ -63,6 +66,7 @@ def load_model(
     models only); its tokenizer is ``tokenizer`` or, failing that, loaded from ``model.name_or_path``.
     A folder whose ``config.json`` or ``tokenizer_config.json`` names code of its own (``auto_map``) is
     refused unless ``trust_remote_code`` (see :func:`check_remote_code`); transformers is never asked to prompt.
+    ``progress=False`` hides transformers' weight-loading bar too.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -101,11 +105,12 @@ def load_model(
     else:
         raise missing_model_path(model)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype if torch_dtype is not None else "auto",
-            trust_remote_code=trust_remote_code,
-        )
+        with _transformers_progress(progress):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=torch_dtype if torch_dtype is not None else "auto",
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as exc:  # transformers raises OSError/ValueError/... with long messages
         _refuse_custom_code(source, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -118,6 +123,21 @@ def load_model(
     if tokenizer is None:
         tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code)
     return LoadedModel(model=loaded, tokenizer=tokenizer, identity=identity, in_memory=False)
+
+
+@contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars on or off for the duration, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if before and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(auto: Any, source: str, trust_remote_code: bool = False) -> Any:

@@ -54,6 +54,9 @@ class TaskResult(_Model):
     seconds: float
     num_fewshot: int = 0
     split: str = "test"
+    # Why every metric is NaN, when the model's log-likelihoods (or generation logits) were not finite and the
+    # caller asked for an undefined score instead of an error (``on_nonfinite="undefined"``); else None.
+    undefined: str | None = None
 
 
 class CategoryResult(_Model):

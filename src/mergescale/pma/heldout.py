@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergescale.errors import InputModelError, TaskError
+from mergescale.errors import InputModelError, NonFiniteScoreWarning, TaskError
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.writer import TOKENIZER_FILES
 
@@ -131,6 +132,10 @@ def folder_loss(
         data = Path(tmp) / "heldout.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         task = Task(name="heldout", kind="perplexity", data=TaskData(test=str(data)), metrics=["loss", "ppl"])
-        results = evaluate(model, [task], tokenizer=tokenizer, batch_size=batch_size, progress=False)
+        with warnings.catch_warnings():  # a diverged model's loss is reported as inf, the recovery's answer
+            warnings.simplefilter("ignore", NonFiniteScoreWarning)
+            results = evaluate(
+                model, [task], tokenizer=tokenizer, batch_size=batch_size, progress=False, on_nonfinite="undefined"
+            )
     loss = results.score("heldout")
     return loss if math.isfinite(loss) else math.inf
