@@ -160,3 +160,23 @@ def test_recover_eval_refuses_a_model_with_its_own_code_before_writing(collapsed
     monkeypatch.setattr(mergescale.pma.recovery, "recover", fake_recover)
     runner.invoke(app, ["pma", "recover", str(run), "-o", str(out), "--eval-data", str(texts), "--trust-remote-code"])
     assert seen["trust_remote_code"] is True
+
+
+def test_recover_refuses_an_incomplete_checkpoint_among_the_k(collapsed_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(collapsed_run, run)
+    for f in (run / "checkpoint-300").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(InputModelError, match="checkpoint-300: checkpoint folder has no model weights"):
+        recover(run, tmp_path / "out", k=3, progress=False)
+    assert not (tmp_path / "out").exists()
+    res = recover(run, tmp_path / "out", k=3, progress=False, skip_incomplete=True)
+    assert res.averaged.steps == [100, 200, 400] and [p.name for p in res.averaged.skipped] == ["checkpoint-300"]
+    # a folder after the last normal loss (here the collapsed checkpoint-500) is outside the span: no error
+    shutil.rmtree(run)
+    shutil.copytree(collapsed_run, run)
+    for f in (run / "checkpoint-500").glob("*.safetensors"):
+        f.unlink()
+    assert recover(run, tmp_path / "dry", k=2, dry_run=True).averaged.steps == [300, 400]

@@ -70,6 +70,7 @@ def recover(
     progress: bool = True,
     tokens_per_step: int | None = None,
     trust_remote_code: bool = False,
+    skip_incomplete: bool = False,
 ) -> RecoveryResult:
     """Detect spikes in a run's loss log and average the ``k`` checkpoints before the first unrecovered one.
 
@@ -79,7 +80,8 @@ def recover(
     last normal logged step). The average (``strategy``, default SMA as in the paper) goes to ``out_dir``;
     nothing is written when every spike recovered. With ``eval_data`` (text or JSONL) the held-out loss of the
     average and of the rollback checkpoint are computed (float32, on the CPU); a model naming code of its own
-    (``auto_map``) is refused for that unless ``trust_remote_code``.
+    (``auto_map``) is refused for that unless ``trust_remote_code``. A step folder without weights among the K
+    checkpoints' span is an error unless ``skip_incomplete``.
 
     Raises:
         InputModelError: no loss log; no checkpoint before the spike.
@@ -112,8 +114,14 @@ def recover(
         )
     window = [info.checkpoints[i] for i in picked]
     out_dtype = _dtype(dtype)
-    sub = RunInfo(root=info.root, checkpoints=window)
-    result.averaged = choose(sub, PMASettings(strategy=strategy, alpha=alpha), dtype=out_dtype)
+    sub = RunInfo(root=info.root, checkpoints=window, skipped=info.skipped)
+    result.averaged = choose(
+        sub,
+        PMASettings(strategy=strategy, alpha=alpha),
+        dtype=out_dtype,
+        skip_incomplete=skip_incomplete,
+        last_step=result.spike.last_good_step,
+    )
     result.rollback = window[-1]
     if dry_run:
         return result
