@@ -25,8 +25,14 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
 
 
 def call_main(monkeypatch, capsys, *args: str | Path) -> tuple[int, str]:
-    """``main()`` as the console script runs it: (exit code, stderr). Only failures: a successful merge or pma
-    ends the process on purpose (see ``_FAST_EXIT_COMMANDS``)."""
+    """``main()`` as the console script runs it: (exit code, stderr). A successful merge or pma ends its process
+    on purpose (``_exit_now``, see ``_FAST_EXIT_COMMANDS``); here it exits like any other command."""
+    import mergescale.cli
+
+    def exit_now(code: int) -> None:
+        sys.exit(code)
+
+    monkeypatch.setattr(mergescale.cli, "_exit_now", exit_now)
     monkeypatch.setattr(sys, "argv", ["mergescale", *map(str, args)])
     with pytest.raises(SystemExit) as exited:
         main()
@@ -177,3 +183,92 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     monkeypatch.setattr("mergescale.api.merge", interrupted)
     code, err = call_main(monkeypatch, capsys, "merge", "cfg.yaml", "out")
     assert code == 130 and "interrupted" in err
+
+
+# --------------------------------------------------------------------------------------------- inputs are safe
+
+
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_output_that_is_inside_or_contains_an_input_is_refused(llama_models, tmp_path, monkeypatch, capsys):
+    """`mergescale merge cfg.yaml m/base --overwrite` replaced the base model with the merge."""
+    models = tmp_path / "m"
+    for name in ("base", "expert0", "expert1"):
+        shutil.copytree(llama_models[name], models / name)
+    cfg = tmp_path / "ta.yaml"
+    cfg.write_text(
+        yaml.safe_dump({
+            "merge_method": "task_arithmetic",
+            "base_model": str(models / "base"),
+            "models": [{"model": str(models / m), "parameters": {"weight": 1.0}} for m in ("expert0", "expert1")],
+        })
+    )
+    before = _fingerprint(models)
+    monkeypatch.chdir(tmp_path)
+    for out, how in (
+        ("m/base", "is the input base model"),
+        (str(models / "expert1"), "is the input model"),
+        ("m/base/../expert0/merged", "is inside the input model"),
+        ("m", "contains the input base model"),
+        (".", "contains the input base model"),
+    ):
+        code, err = call_main(monkeypatch, capsys, "merge", cfg, out, "--overwrite", "-q")
+        assert code == 1, (out, err)
+        assert_one_line(err, f"output folder {out} {how}")
+    assert _fingerprint(models) == before
+    assert not [p for p in models.rglob(".*tmp*")]
+
+
+def test_pma_output_inside_a_checkpoint_of_the_run_is_refused(run_dir, tmp_path, monkeypatch, capsys):
+    before = _fingerprint(run_dir)
+    # checkpoint-100 is no input of a window of 2, but a checkpoint of the run all the same
+    for out in (run_dir / "checkpoint-300", run_dir / "checkpoint-200" / "avg", run_dir / "checkpoint-100", run_dir):
+        code, err = call_main(monkeypatch, capsys, "pma", run_dir, "-o", out, "--window", "2", "--overwrite", "-q")
+        assert code == 1, (out, err)
+        assert_one_line(err, f"output folder {out}", "the input checkpoint")
+        code, err = call_main(
+            monkeypatch, capsys, "pma", run_dir, "-o", out, "--sweep", "window=1,2", "--overwrite", "-q"
+        )
+        assert code == 1 and "the input checkpoint" in err, (out, err)
+    assert _fingerprint(run_dir) == before
+    from mergescale.errors import OutputError
+    from mergescale.pma import recover
+
+    with pytest.raises(OutputError, match="the input checkpoint"):
+        recover(run_dir, run_dir / "checkpoint-100", k=1, overwrite=True, loss_log=_spiky_log(tmp_path))
+    assert _fingerprint(run_dir) == before
+
+
+def _spiky_log(tmp_path: Path) -> Path:
+    log = tmp_path / "loss.csv"
+    log.write_text("step,loss\n" + "".join(f"{s},{3.0 if s < 250 else 9.0}\n" for s in range(10, 400, 10)))
+    return log
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_evaluating(llama_models, tmp_path, monkeypatch, capsys):
+    """It used to evaluate, then fail to rename its temporary file onto the folder and leave it behind."""
+    results = tmp_path / "results"
+    results.mkdir()
+    tasks = tmp_path / "t"
+    tasks.mkdir()
+    (tasks / "task.yaml").write_text("name: t\nkind: perplexity\ndata: {test: test.jsonl}\n")
+    (tasks / "test.jsonl").write_text('{"text": "w1 w2 w3"}\n')
+    code, err = call_main(monkeypatch, capsys, "eval", llama_models["base"], "--tasks", tasks, "-o", results, "-q")
+    assert code == 1
+    assert_one_line(err, f"{results}: is a folder")
+    assert not list(results.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["results", "t"]
+
+
+def test_results_save_leaves_no_temporary_on_failure(tmp_path):
+    from mergescale.errors import OutputError
+    from mergescale.evaluate.results import EvalResults, ModelIdentity, _atomic_write
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError):
+        _atomic_write(tmp_path / "taken", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    results = EvalResults(mergescale_version="0", model=ModelIdentity(source="memory", hash="0"), tasks={})
+    with pytest.raises(OutputError, match="is a folder"):
+        results.save(tmp_path / "taken")

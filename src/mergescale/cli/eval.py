@@ -45,7 +45,9 @@ def eval_command(
 ) -> None:
     """Evaluate MODEL on --tasks and write per-task metrics, category means and the model's identity."""
     from mergescale.evaluate import evaluate
+    from mergescale.evaluate.results import check_results_path
 
+    check_results_path(output, samples=log_samples)  # before the evaluation, not after it
     results = evaluate(
         model, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, log_samples=log_samples,
         progress=not quiet, split=split, backend=backend, include_path=include_path,

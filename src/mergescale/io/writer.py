@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,6 +158,29 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
         if not overwrite and any(target.iterdir()):
             raise OutputError(f"output folder {target} is not empty (use --overwrite to replace it)")
     check_writable(target)
+
+
+def check_apart_from_inputs(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output folder that is, lies inside, or contains one of the ``(label, folder)`` inputs, paths
+    resolved (symbolic links, ``..``): with ``--overwrite`` the output replaces its folder at the end, which
+    would delete an input (``mergescale merge cfg.yaml models/base --overwrite`` replaced the base model), and
+    without it the output would be written into an input's folder.
+
+    Raises:
+        OutputError: naming the output and the input.
+    """
+    out = Path(target).expanduser().resolve()
+    for label, folder in inputs:
+        src = Path(folder).expanduser().resolve()
+        if out == src:
+            how = "is"
+        elif src in out.parents:
+            how = "is inside"
+        elif out in src.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"output folder {target} {how} the input {label} ({folder}); choose another output folder")
 
 
 def check_writable(target: Path) -> None:

@@ -34,7 +34,13 @@ from mergescale.io.discover import (
     discover_run,
     step_from_name,
 )
-from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, ModelFolderSink, check_output_folder
+from mergescale.io.writer import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    ModelFolderSink,
+    check_apart_from_inputs,
+    check_output_folder,
+)
 from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
 from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
 from mergescale.pma.window import parse_interval, select_window
@@ -249,6 +255,7 @@ def average_checkpoints(
     if dry_run:
         return result
     check_output_folder(out, overwrite=overwrite)
+    check_apart_from_checkpoints(out, info.checkpoints)
     planned = [_Planned(result, out)]
     _stream(
         info,
@@ -342,6 +349,7 @@ def sweep_checkpoints(
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a folder")
     planned = [_Planned(r, out / label) for label, r in results.items()]
+    check_apart_from_checkpoints(out, info.checkpoints)
     for p in planned:
         check_output_folder(p.sink_dir, overwrite=overwrite)
     if (out / SWEEP_JSON).exists() and not overwrite:
@@ -363,6 +371,14 @@ def sweep_checkpoints(
     )
     _write_atomic(out / SWEEP_JSON, record.to_json())
     return list(results.values())
+
+
+def check_apart_from_checkpoints(out: Path, checkpoints: Sequence[CheckpointRef]) -> None:
+    """The output folder must not be, lie inside or contain a checkpoint of the run (its weights folder or its
+    step folder), averaged or not: --overwrite would replace it. The run folder may hold it (``-o runs/r/pma``)."""
+    check_apart_from_inputs(
+        out, [(f"checkpoint {c.name}", p) for c in checkpoints for p in dict.fromkeys([c.path, c.folder])]
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

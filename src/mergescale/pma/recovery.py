@@ -18,7 +18,15 @@ from mergescale.errors import ConfigError, InputModelError
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
 from mergescale.io.writer import check_output_folder
-from mergescale.pma.average import PMAResult, PMASettings, _dtype, _Planned, _stream, choose
+from mergescale.pma.average import (
+    PMAResult,
+    PMASettings,
+    _dtype,
+    _Planned,
+    _stream,
+    check_apart_from_checkpoints,
+    choose,
+)
 from mergescale.pma.spikes import Spike, SpikeRule, checkpoints_before, detect_spikes, first_unrecovered
 from mergescale.pma.weights import DEFAULT_ALPHA
 
@@ -127,6 +135,7 @@ def recover(
         return result
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
+    check_apart_from_checkpoints(out, info.checkpoints)
     texts = None
     if eval_data is not None:
         from mergescale.evaluate.loading import check_remote_code
