@@ -24,7 +24,6 @@ import queue
 import random
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -37,6 +36,7 @@ import torch
 
 from mergescale import __version__
 from mergescale.errors import OutputError
+from mergescale.stages.lifetime import worker_initializer
 from mergescale.world.data import (
     BlockDataset,
     SupervisedDataset,
@@ -404,9 +404,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(root: str, preset_json: str, seed: int, threads: int, events: Any) -> None:
+    # dies with the build process from the moment it starts: see _run_parallel and mergescale.stages.lifetime
     torch.set_num_threads(threads)
     _silence_transformers()
-    _exit_with_parent()
 
     def report(name: str, step: int, total: int, loss: float | None) -> None:
         if events is not None:
@@ -415,19 +415,6 @@ def _worker_init(root: str, preset_json: str, seed: int, threads: int, events: A
     _WORKER["runner"] = _Runner(
         Path(root), Preset.model_validate_json(preset_json), seed, report if events is not None else None
     )
-
-
-def _exit_with_parent() -> None:
-    """A worker whose build process is gone (killed, not interrupted) stops too, instead of training on for
-    nobody; its half-written stage is cleaned up by the next build."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker_run(stage: Stage) -> bool:
@@ -453,12 +440,11 @@ def _run_parallel(
     events = ctx.Queue() if report is not None else None
     pending = {s.name: s for s in stages}
     running: dict[Future, Stage] = {}
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(str(runner.layout.root), runner.preset.model_dump_json(), runner.seed, threads, events),
-    ) as pool:
+    # A worker killed with its build (SIGKILL) leaves its half-written stage to the next build.
+    initializer, initargs = worker_initializer(
+        _worker_init, (str(runner.layout.root), runner.preset.model_dump_json(), runner.seed, threads, events)
+    )
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
         try:
             warmed = False
             while pending or running:
