@@ -77,7 +77,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _interrupted() -> NoReturn:
-    err_console.print("[bold red]interrupted[/]: nothing was written to the output folder")
+    err_console.print("[bold red]interrupted[/]: no partial output was left in place")
     sys.exit(130)
 
 
