@@ -25,7 +25,9 @@ def check_device(device: str | torch.device) -> torch.device:
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = (
+                "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            )
             raise ConfigError(f"device {str(device)!r}: CUDA is not available ({why}); use --device cpu")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:

@@ -163,7 +163,9 @@ def check_results_path(path: str | Path, *, samples: bool = False) -> None:
     path = Path(path)
     for target in [path, samples_path(path)] if samples else [path]:
         if target.is_dir():
-            raise OutputError(f"{target}: is a folder; give the results a file name (e.g. {target / 'results.json'})")
+            raise OutputError(
+                f"{target}: is a folder; give the results a file name (e.g. {target / 'results.json'})"
+            )
     try:
         check_writable(path.parent)
     except OutputError:

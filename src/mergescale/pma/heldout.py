@@ -135,7 +135,12 @@ def folder_loss(
         with warnings.catch_warnings():  # a diverged model's loss is reported as inf, the recovery's answer
             warnings.simplefilter("ignore", NonFiniteScoreWarning)
             results = evaluate(
-                model, [task], tokenizer=tokenizer, batch_size=batch_size, progress=False, on_nonfinite="undefined"
+                model,
+                [task],
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                progress=False,
+                on_nonfinite="undefined",
             )
     loss = results.score("heldout")
     return loss if math.isfinite(loss) else math.inf
