@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -22,7 +21,7 @@ console = Console()
 class _DefaultAverage(TyperGroup):
     """Routes ``pma ARGS`` to ``pma average ARGS`` unless ARGS start with a sub-command name or ask for help."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # a click Context (typer's own or click's)
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["average", *args]
         return super().parse_args(ctx, args)
