@@ -133,7 +133,8 @@ def test_recover_eval_refuses_a_model_with_its_own_code_before_writing(collapsed
         (ckpt / "config.json").write_text(json.dumps(config))
         (ckpt / "evil.py").write_text(
             f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-            "from transformers import LlamaForCausalLM as EvilModel\n"
+            "from transformers import LlamaForCausalLM\n"
+            "class EvilModel(LlamaForCausalLM):\n    pass\n"  # a subclass: loading registers it, not Llama
         )
     texts = tmp_path / "heldout.txt"
     texts.write_text("w1 w2 w3 w4\nw5 w6 w7\n")
@@ -149,6 +150,9 @@ def test_recover_eval_refuses_a_model_with_its_own_code_before_writing(collapsed
         run / "checkpoint-400", ["w1 w2 w3"], tokenizer_folder=run / "checkpoint-400", trust_remote_code=True
     )
     assert math.isfinite(loss) and marker.exists()
+    from transformers import LlamaForCausalLM
+
+    assert getattr(LlamaForCausalLM, "_auto_class", None) is None  # the model's code changed nothing else here
     seen = {}
 
     def fake_recover(*args, **kwargs):
