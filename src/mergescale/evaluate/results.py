@@ -166,10 +166,7 @@ def check_results_path(path: str | Path, *, samples: bool = False) -> None:
             raise OutputError(
                 f"{target}: is a folder; give the results a file name (e.g. {target / 'results.json'})"
             )
-    try:
-        check_writable(path.parent)
-    except OutputError:
-        raise OutputError(f"{path}: cannot write the results there (its folder is not writable)") from None
+    check_writable(path.absolute().parent, f"results file {path}")
 
 
 def samples_path(results_path: Path) -> Path:

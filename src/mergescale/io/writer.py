@@ -157,7 +157,8 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
             raise OutputError(f"output path {target} exists and is not a folder")
         if not overwrite and any(target.iterdir()):
             raise OutputError(f"output folder {target} is not empty (use --overwrite to replace it)")
-    check_writable(target)
+    # the output is made as a temporary sibling, renamed into place: its parent folder must take new entries
+    check_writable(target.absolute().parent, f"output folder {target}")
 
 
 def check_apart_from_inputs(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
@@ -183,24 +184,25 @@ def check_apart_from_inputs(target: Path, inputs: Iterable[tuple[str, Path]]) ->
         raise OutputError(f"output folder {target} {how} the input {label} ({folder}); choose another output folder")
 
 
-def check_writable(target: Path) -> None:
-    """Refuse ``target`` when the folder it would be created in cannot be written: its nearest existing
-    ancestor is a file, is not writable, or sits on a read-only file system. (A pseudo file system such as
-    ``/proc`` passes here and fails when the folder is created, with the same kind of error.)"""
-    target = Path(target).absolute()
-    existing = target if target.exists() else next((p for p in target.parents if p.exists()), None)
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse ``what`` (an output, for the message) when entries cannot be created in ``folder``: the folder, or
+    its nearest existing ancestor when it is still to be made, is a file, is not writable, or sits on a
+    read-only file system. (A pseudo file system such as ``/proc`` passes here and fails when the output is
+    created, with the same kind of one-line error.)"""
+    folder = Path(folder).absolute()
+    existing = folder if folder.exists() else next((p for p in folder.parents if p.exists()), None)
     if existing is None:
         return
     if not existing.is_dir():
-        raise OutputError(f"output folder {target}: cannot create it ({existing} is a file)")
+        raise OutputError(f"{what}: cannot create it ({existing} is a file)")
     try:
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
     except OSError:
         read_only = False
     if read_only:
-        raise OutputError(f"output folder {target}: cannot write there ({existing} is on a read-only file system)")
+        raise OutputError(f"{what}: cannot write there ({existing} is on a read-only file system)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {target}: cannot write there (no permission to write in {existing})")
+        raise OutputError(f"{what}: cannot write there (no permission to write in {existing})")
 
 
 def _why(exc: OSError) -> str:
