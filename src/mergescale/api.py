@@ -21,10 +21,17 @@ from mergescale.config import (
     model_resolver,
     num_layers,
 )
+from mergescale.device import check_device
 from mergescale.engine.plan import MergePlan, OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.io.checkpoint import TensorSource, open_checkpoint, resolve_model_path
-from mergescale.io.writer import MemorySink, ModelFolderSink, TensorSink, check_output_folder
+from mergescale.io.writer import (
+    MemorySink,
+    ModelFolderSink,
+    TensorSink,
+    check_apart_from_inputs,
+    check_output_folder,
+)
 
 
 @dataclass
@@ -127,8 +134,9 @@ def merge(
 
     Raises:
         ConfigError, InputModelError, TensorMismatchError, NonFiniteError, OutputError: before anything is
-        written to ``out_dir``.
+        written to ``out_dir`` (an ``out_dir`` that is, is inside or contains an input model is an OutputError).
     """
+    check_device(device)
     cfg = _as_config(config)
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
@@ -151,6 +159,8 @@ def _merge_into(
     for ref in ([cfg.base_model] if cfg.base_model else []) + [m.model for m in cfg.merged_models()]:
         pool.add(ref, "base model" if ref == cfg.base_model else "model")
     tok_folder = resolve_model_path(cfg.tokenizer_ref) if copy_tokenizer and cfg.tokenizer_ref else None
+    inputs = list(zip(pool.labels, pool.folders, strict=True))
+    check_apart_from_inputs(out, inputs + ([("tokenizer source", tok_folder)] if tok_folder else []))
     ref_idx = pool.add(cfg.base_model) if cfg.base_model else pool.add(cfg.merged_models()[0].model)
     sink = ModelFolderSink(
         out,
@@ -173,6 +183,7 @@ def merge_to_memory(
     progress: bool = False,
 ) -> MergeResult:
     """Merge without writing: the merged weights come back as a state dict (e.g. to evaluate in memory)."""
+    check_device(device)
     cfg = _as_config(config)
     sink = MemorySink()
     with SourcePool() as pool:

@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path, *, n_experts: int = 3, seed: int = 0, overwrit
         base, experts = _tiny_models(models_dir, n_experts, seed)
     else:
         base, experts = models_dir / "base", sorted(models_dir.glob("expert*"))
-    base_model = AutoModelForCausalLM.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False)
     ids = torch.arange(16).unsqueeze(0)
     rows = []
     for method, spec in DEMO_METHODS.items():
@@ -93,7 +93,7 @@ def run_demo(out_dir: str | Path, *, n_experts: int = 3, seed: int = 0, overwrit
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         result = merge(cfg_path, root / "merges" / method, overwrite=True, progress=False)
-        merged = AutoModelForCausalLM.from_pretrained(root / "merges" / method)
+        merged = AutoModelForCausalLM.from_pretrained(root / "merges" / method, trust_remote_code=False)
         with torch.no_grad():
             logits = merged(ids).logits
         dist = sum(

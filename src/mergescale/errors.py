@@ -24,7 +24,12 @@ class TensorMismatchError(MergeScaleError):
 
 
 class NonFiniteError(MergeScaleError):
-    """An input tensor holds NaN or Inf values."""
+    """An input tensor holds NaN or Inf values, or a model gives non-finite log-likelihoods."""
+
+
+class NonFiniteScoreWarning(RuntimeWarning):
+    """A task's score was marked undefined (NaN) because the model's log-likelihoods were not finite
+    (``evaluate(..., on_nonfinite="undefined")``)."""
 
 
 class OutputError(MergeScaleError):

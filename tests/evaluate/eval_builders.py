@@ -12,6 +12,13 @@ from typing import Any
 import torch
 import yaml
 
+# How closely two float32 computations of one log-likelihood (or a loss, or a perplexity) must agree: other batch
+# sizes, packing, attention kernels or another CPU's vector width (AVX2 against AVX-512) change the order of the
+# float32 sums. float32 keeps about 7 significant digits and a sum over n tokens loses about sqrt(n) ulps more,
+# so the tolerance is relative (1e-5, ~80 ulps) with an absolute floor for values near zero (a token's
+# log-softmax is off by eps times the logits' scale). An absolute 1e-6 on a perplexity of 783 failed on a Xeon.
+F32_LL = {"rel": 1e-5, "abs": 1e-4}
+
 WORDS = [
     f"{c}{v}{e}" for c in "bdfgklmnprst" for v in "aeiou" for e in ("", "n", "s")
 ]  # 180 pronounceable words

@@ -98,3 +98,93 @@ def test_bad_task_file_is_one_red_line_and_exit_code_1(tmp_path: Path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "test.jsonl:2: invalid JSON" in err
     assert "Traceback" not in err and len(err.replace(str(tmp_path), "").splitlines()) == 1
+
+
+def _main_error(monkeypatch, capsys, *args: str) -> str:
+    """Run ``main()`` as the console script does; return its one error line (exit code 1 asserted)."""
+    from mergescale.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mergescale", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 1
+    else:
+        raise AssertionError("main() did not exit")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_local_model_path_says_it_does_not_exist(
+    suite_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Not "Repo id must be in the form ..." (transformers' answer to a path it takes for a Hub id)."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for ref in ("./missing/model", str(tmp_path / "missing" / "model"), "models/base"):
+        err = _main_error(monkeypatch, capsys, "eval", ref, "--tasks", str(suite_dir), "-o", "r.json")
+        assert f"model path {ref} does not exist" in err and "Repo id" not in err, err
+    assert "models has no 'base'" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def _model_with_its_own_code(word_model: Path, folder: Path, marker: Path, model_type: str) -> Path:
+    """A copy of ``word_model`` whose config.json maps the Auto classes to a .py file beside it that writes
+    ``marker`` when imported (what a malicious Hub repository would ship)."""
+    import shutil
+
+    shutil.copytree(word_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"class EvilConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    return folder
+
+
+def test_model_code_never_runs_without_trust_remote_code(word_model: Path, suite_dir: Path, tmp_path: Path) -> None:
+    """Through the console script with ``y`` on stdin (transformers used to prompt, and ran the code on a y):
+    one line naming --trust-remote-code, exit code 1, and the model's code never ran. Both an unknown
+    model_type and a known one (which transformers would load as a plain Llama, ignoring the auto_map)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "MARKER"
+    for model_type in ("evil_llama", "llama"):
+        model = _model_with_its_own_code(word_model, tmp_path / model_type, marker, model_type)
+        for extra in ([], ["--backend", "lm-eval", "--tasks", "x"]):
+            args = ["eval", str(model), "--tasks", str(suite_dir), "-o", str(tmp_path / "r.json"), "--limit", "2"]
+            done = subprocess.run(
+                [sys.executable, "-m", "mergescale", *args, *extra], input="y\ny\n", capture_output=True,
+                text=True, timeout=300,
+            )  # fmt: skip
+            assert done.returncode == 1, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and "--trust-remote-code" in lines[0] and "auto_map" in lines[0], done.stderr
+            assert not marker.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_trust_remote_code_is_passed_on_and_off_by_default(word_model: Path, suite_dir: Path, tmp_path: Path) -> None:
+    """The Python API: refused by default (no prompt, code not run); with trust_remote_code=True transformers
+    runs the model's code (the marker appears), as asked."""
+    from mergescale.errors import InputModelError
+    from mergescale.evaluate import evaluate
+
+    marker = tmp_path / "MARKER"
+    model = _model_with_its_own_code(word_model, tmp_path / "evil", marker, "evil_llama_api")
+    task = str(suite_dir / "ppl" / "task.yaml")
+    try:
+        evaluate(str(model), task, limit=1, progress=False)
+    except InputModelError as exc:
+        assert "--trust-remote-code" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("a model with its own code was evaluated without trust_remote_code")
+    assert not marker.exists()
+    results = evaluate(str(model), task, limit=1, progress=False, trust_remote_code=True)
+    assert marker.exists() and results.tasks["ppl"].n == 1

@@ -1,5 +1,5 @@
 """Our scorer == lm-evaluation-harness, offline: tasks exported with export-lm-eval and run by the harness's HF
-backend give the same per-example log-likelihoods (within 1e-4) and the same acc / acc_norm as `evaluate`."""
+backend give the same per-example log-likelihoods (within float32 noise, F32_LL) and the same acc / acc_norm as `evaluate`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from eval_builders import F32_LL
 
 from mergescale.evaluate import evaluate, load_suite
 from mergescale.evaluate.export import export_lm_eval
@@ -42,7 +43,7 @@ def test_harness_on_exported_tasks_matches_our_scorer(
         assert len(samples) == len(mine) == len(task.rows())
         for s, m in zip(samples, mine, strict=True):
             lls = [r[0][0] for r in s["resps"]]
-            assert m["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+            assert m["loglikelihoods"] == pytest.approx(lls, **F32_LL)
             assert (m["acc"], m["acc_norm"]) == (s["acc"], s["acc_norm"])
         for metric in ("acc", "acc_norm"):
             assert ours.score(task.name, metric) == theirs["results"][task.name][f"{metric},none"]
@@ -68,11 +69,11 @@ def test_lm_eval_backend_on_a_model_in_memory(word_model: Path, suite_dir: Path)
             assert other.primary_metric == mine.primary_metric
             assert {k: other.metrics[k] for k in mine.metrics} == pytest.approx(mine.metrics, abs=1e-12)
     for s, m in zip(our_samples(theirs, "mc_b"), our_samples(ours, "mc_b"), strict=True):
-        assert s["loglikelihoods"] == pytest.approx(m["loglikelihoods"], abs=1e-4) and s["pred"] == m["pred"]
+        assert s["loglikelihoods"] == pytest.approx(m["loglikelihoods"], **F32_LL) and s["pred"] == m["pred"]
     for s, m in zip(our_samples(theirs, "gen"), our_samples(ours, "gen"), strict=True):
         assert s["output"] == m["output"]
     for s, m in zip(our_samples(theirs, "ppl"), our_samples(ours, "ppl"), strict=True):
-        assert s["nll"] == pytest.approx(m["nll"], abs=1e-3)
+        assert s["nll"] == pytest.approx(m["nll"], **F32_LL)
 
 
 @pytest.mark.slow

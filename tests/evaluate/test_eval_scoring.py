@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_builders import WORDS, bpe_tokenizer, mc_rows, tiny_llama, write_task
+from eval_builders import F32_LL, WORDS, bpe_tokenizer, mc_rows, tiny_llama, write_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergescale.evaluate import Evaluator, evaluate, load_suite, load_task
@@ -88,7 +88,7 @@ def test_bigram_model_against_a_hand_computation(word_model: Path) -> None:
         for cont, value in zip(req.conts, got, strict=True):
             seq = [*req.ctx, *cont]
             expected = sum(by_hand(seq[i - 1], seq[i]) for i in range(len(req.ctx), len(seq)))
-            assert value == pytest.approx(expected, abs=1e-4)
+            assert value == pytest.approx(expected, **F32_LL)
 
 
 def test_loglikelihoods_match_one_plain_forward_per_choice(bpe_model: Path) -> None:
@@ -102,7 +102,7 @@ def test_loglikelihoods_match_one_plain_forward_per_choice(bpe_model: Path) -> N
         for k, value in zip(req.choice_ids, got, strict=True):
             ctx, cont = harness_pair(tok, contexts[req.owner], conts[req.owner][k])
             assert (list(req.ctx), list(req.conts[req.choice_ids.index(k)])) == (ctx, cont)
-            assert value == pytest.approx(naive_loglikelihood(model, ctx, cont), abs=1e-4)
+            assert value == pytest.approx(naive_loglikelihood(model, ctx, cont), **F32_LL)
 
 
 def test_batch_size_order_packing_and_attention_kernel_do_not_change_results(
@@ -170,7 +170,7 @@ def test_long_inputs_lose_context_from_the_left_like_the_harness(tmp_path: Path)
     for req, got in zip(requests, scores, strict=True):
         for k, value in zip(req.choice_ids, got, strict=True):
             ctx, cont = harness_pair(tok, contexts[req.owner], conts[req.owner][k])
-            assert value == pytest.approx(naive_loglikelihood(model, ctx, cont, max_length=16), abs=1e-4)
+            assert value == pytest.approx(naive_loglikelihood(model, ctx, cont, max_length=16), **F32_LL)
 
 
 def test_perplexity_is_token_weighted_nll_of_every_token(suite_dir: Path, word_model: Path) -> None:
@@ -182,7 +182,7 @@ def test_perplexity_is_token_weighted_nll_of_every_token(suite_dir: Path, word_m
         ids = tok.encode(row.text, add_special_tokens=False)
         total_nll -= naive_loglikelihood(model, [tok.bos_token_id], ids)
         total_tokens += len(ids)
-    assert results.score("ppl", "loss") == pytest.approx(total_nll / total_tokens, abs=1e-5)
+    assert results.score("ppl", "loss") == pytest.approx(total_nll / total_tokens, **F32_LL)
     assert results.score("ppl", "ppl") == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-4)
     assert (
         sum(s["tokens"] for s in results.samples) == total_tokens == results.tasks["ppl"].n * 0 + total_tokens
@@ -208,7 +208,7 @@ def test_long_texts_are_scored_in_rolling_windows(tmp_path: Path) -> None:
         ctx = [tok.bos_token_id] if start == 0 else ids[max(0, start - 8) : start]
         inp = (ctx + pred)[-9:]
         expected += naive_loglikelihood(model, inp[: len(inp) - len(pred)], pred)
-    assert got == pytest.approx(expected, abs=1e-4)
+    assert got == pytest.approx(expected, **F32_LL)
 
 
 def test_greedy_generation_matches_a_naive_loop_at_any_batch_size(suite_dir: Path, word_model: Path) -> None:
@@ -240,7 +240,7 @@ def test_evaluate_is_deterministic_and_in_memory_equals_folder(suite_dir: Path, 
     assert model.training
     assert from_folder.model.source == "folder" and in_memory.model.source == "memory"
     for name, result in from_folder.tasks.items():
-        assert in_memory.tasks[name].metrics == pytest.approx(result.metrics, abs=1e-6)
+        assert in_memory.tasks[name].metrics == pytest.approx(result.metrics, **F32_LL)
         assert in_memory.tasks[name].n == result.n
     assert [s.get("pred") for s in in_memory.samples] == [s.get("pred") for s in from_folder.samples]
     again = evaluate(model, suite, tokenizer=tok, progress=False, batch_size=32)

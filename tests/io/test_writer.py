@@ -148,3 +148,21 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(OutputError, match="not a folder"):
         ModelFolderSink(f)
     assert os.path.isfile(f)
+
+
+def test_output_folder_checks_the_folder_its_temporary_goes_in(tmp_path, monkeypatch):
+    """The output is made as a hidden sibling: an existing, writable output folder in a folder that takes no new
+    entries is refused up front, naming that folder (not after the merge)."""
+    from pathlib import Path
+
+    from mergescale.io.writer import check_output_folder
+
+    parent = tmp_path / "locked"
+    (parent / "out").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and Path(p) != parent)
+    with pytest.raises(OutputError, match=f"output folder {parent / 'out'}: cannot write there .*in {parent}"):
+        check_output_folder(parent / "out", overwrite=True)
+    with pytest.raises(OutputError, match="cannot create it .* is a file"):
+        (tmp_path / "file").write_text("x")
+        check_output_folder(tmp_path / "file" / "out", overwrite=False)

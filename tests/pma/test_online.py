@@ -136,7 +136,7 @@ def test_callback_sma_equals_offline_pma_and_survives_resuming(tmp_path):
     online, ref = load_weights(full / "pma-200"), load_weights(tmp_path / "offline")
     assert online.keys() == ref.keys()
     for k in ref:
-        torch.testing.assert_close(online[k], ref[k], atol=2e-6, rtol=0)
+        torch.testing.assert_close(online[k], ref[k], atol=2e-6, rtol=1e-6)
     assert (full / "pma-200" / "tokenizer.json").is_file()
 
     # stop after step 100, resume from checkpoint-100: the same average as never stopping

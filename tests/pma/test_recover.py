@@ -116,3 +116,71 @@ def test_heldout_loss_is_the_mean_token_nll_with_the_prefix_token(collapsed_run)
         total -= float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
         count += len(ids)
     assert math.isclose(got, total / count, rel_tol=1e-5)
+
+
+def test_recover_eval_refuses_a_model_with_its_own_code_before_writing(collapsed_run, tmp_path, monkeypatch):
+    """--eval-data loads models: a checkpoint whose config.json names code of its own (auto_map) is refused
+    up front, before the average is written, unless --trust-remote-code; its code never runs."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(collapsed_run, run)
+    marker = tmp_path / "MARKER"
+    for ckpt in run.glob("checkpoint-*"):
+        config = json.loads((ckpt / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+        (ckpt / "config.json").write_text(json.dumps(config))
+        (ckpt / "evil.py").write_text(
+            f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from transformers import LlamaForCausalLM\n"
+            "class EvilModel(LlamaForCausalLM):\n    pass\n"  # a subclass: loading registers it, not Llama
+        )
+    texts = tmp_path / "heldout.txt"
+    texts.write_text("w1 w2 w3 w4\nw5 w6 w7\n")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["pma", "recover", str(run), "-o", str(out), "--eval-data", str(texts), "-q"])
+    assert isinstance(res.exception, InputModelError), res.output
+    assert "--trust-remote-code" in str(res.exception) and "\n" not in str(res.exception)
+    assert not out.exists() and not marker.exists()
+    # trusted: the flag reaches the loader, and transformers runs the model's code as asked
+    from mergescale.pma.heldout import folder_loss
+
+    loss = folder_loss(
+        run / "checkpoint-400", ["w1 w2 w3"], tokenizer_folder=run / "checkpoint-400", trust_remote_code=True
+    )
+    assert math.isfinite(loss) and marker.exists()
+    from transformers import LlamaForCausalLM
+
+    assert getattr(LlamaForCausalLM, "_auto_class", None) is None  # the model's code changed nothing else here
+    seen = {}
+
+    def fake_recover(*args, **kwargs):
+        seen.update(kwargs)
+        raise InputModelError("stop here")
+
+    import mergescale.pma.recovery
+
+    monkeypatch.setattr(mergescale.pma.recovery, "recover", fake_recover)
+    runner.invoke(app, ["pma", "recover", str(run), "-o", str(out), "--eval-data", str(texts), "--trust-remote-code"])
+    assert seen["trust_remote_code"] is True
+
+
+def test_recover_refuses_an_incomplete_checkpoint_among_the_k(collapsed_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(collapsed_run, run)
+    for f in (run / "checkpoint-300").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(InputModelError, match="checkpoint-300: checkpoint folder has no model weights"):
+        recover(run, tmp_path / "out", k=3, progress=False)
+    assert not (tmp_path / "out").exists()
+    res = recover(run, tmp_path / "out", k=3, progress=False, skip_incomplete=True)
+    assert res.averaged.steps == [100, 200, 400] and [p.name for p in res.averaged.skipped] == ["checkpoint-300"]
+    # a folder after the last normal loss (here the collapsed checkpoint-500) is outside the span: no error
+    shutil.rmtree(run)
+    shutil.copytree(collapsed_run, run)
+    for f in (run / "checkpoint-500").glob("*.safetensors"):
+        f.unlink()
+    assert recover(run, tmp_path / "dry", k=2, dry_run=True).averaged.steps == [300, 400]

@@ -38,14 +38,20 @@ def eval_command(
     include_path: Path | None = typer.Option(
         None, "--include-path", help="Extra harness task folder (lm-eval)."
     ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Let the model run code it ships (its auto_map). Off: refused."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate MODEL on --tasks and write per-task metrics, category means and the model's identity."""
     from mergescale.evaluate import evaluate
+    from mergescale.evaluate.results import check_results_path
 
+    check_results_path(output, samples=log_samples)  # before the evaluation, not after it
     results = evaluate(
         model, tasks, limit=limit, batch_size=batch_size, device=device, dtype=dtype, log_samples=log_samples,
         progress=not quiet, split=split, backend=backend, include_path=include_path,
+        trust_remote_code=trust_remote_code,
     )  # fmt: skip
     results.save(output)
     table = Table(title=f"{results.model.name or model}  (hash {results.model.hash})")

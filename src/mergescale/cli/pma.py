@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -22,7 +21,7 @@ console = Console()
 class _DefaultAverage(TyperGroup):
     """Routes ``pma ARGS`` to ``pma average ARGS`` unless ARGS start with a sub-command name or ask for help."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # a click Context (typer's own or click's)
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["average", *args]
         return super().parse_args(ctx, args)
@@ -117,6 +116,9 @@ def average_command(
     ),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
+    skip_incomplete: bool = typer.Option(
+        False, "--skip-incomplete", help="Leave out step folders without weights (default: an error)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the checkpoints and weights, then exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -142,13 +144,15 @@ def average_command(
     common: dict[str, Any] = dict(
         strategy=strategy, window=window, interval=interval, end=end, alpha=alpha, checkpoints=explicit,
         dtype=dtype, device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet,
-        tokens_per_step=tokens_per_step, max_shard_size=max_shard_size,
+        tokens_per_step=tokens_per_step, max_shard_size=max_shard_size, skip_incomplete=skip_incomplete,
     )  # fmt: skip
     target = out if out is not None else Path("pma-out")
     if sweep:
         if weights is not None:
             raise ConfigError("--weights cannot be swept; run it on its own")
         results = sweep_checkpoints(run_dir, target, parse_sweep(sweep), **common)
+        for r in results:
+            _report_skipped(r)
         console.print(_sweep_table(results))
         if dry_run:
             console.print(f"[yellow]dry run[/]: {len(results)} averages, nothing written")
@@ -164,6 +168,7 @@ def average_command(
     if custom is not None and strategy == "sma":
         common["strategy"] = "custom"
     result = average_checkpoints(run_dir, target, weights=custom, **common)
+    _report_skipped(result)
     console.print(_table(result, _describe(result)))
     if dry_run:
         console.print("[yellow]dry run[/]: nothing read or written")
@@ -174,6 +179,17 @@ def average_command(
         f"[green]averaged[/] {len(result.checkpoints)} checkpoints into {out} in {s.seconds:.1f} s "
         f"({s.bytes_read / 1e9:.2f} GB read, {s.gb_per_s:.2f} GB/s)"
     )
+
+
+def _report_skipped(result: Any) -> None:
+    """Say which incomplete step folders --skip-incomplete left out, and the window used instead."""
+    if result.skipped:
+        names = ", ".join(p.name for p in result.skipped)
+        steps = ", ".join(str(s) for s in result.steps)
+        console.print(
+            f"[yellow]skipped[/] {names} (no model weights); {result.label} averages steps {steps}",
+            highlight=False,
+        )
 
 
 def _num(x: float) -> str:
@@ -208,6 +224,12 @@ def recover_command(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the checkpoints' own)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="With --eval-data: let a model run code it ships (its auto_map)."
+    ),
+    skip_incomplete: bool = typer.Option(
+        False, "--skip-incomplete", help="Leave out step folders without weights (default: an error)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report spikes and the plan; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -224,7 +246,7 @@ def recover_command(
     result = recover(
         run_dir, out if out is not None else Path("pma-recover"), k=k, loss_log=loss_log, rule=rule,
         strategy=strategy, eval_data=eval_data, dtype=dtype, device=device, overwrite=overwrite, dry_run=dry_run,
-        progress=not quiet,
+        progress=not quiet, trust_remote_code=trust_remote_code, skip_incomplete=skip_incomplete,
     )  # fmt: skip
     console.print(f"loss log: {result.loss_log_source} ({len(result.loss_log)} entries)")
     if not result.spikes:
@@ -243,6 +265,7 @@ def recover_command(
         console.print("[green]the run recovered from every spike[/]: nothing to do")
         return
     assert result.averaged is not None and result.rollback is not None
+    _report_skipped(result.averaged)
     console.print(
         _table(
             result.averaged,

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from mergescale.device import check_device
 from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
 from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
@@ -260,7 +261,7 @@ def run_plan(
     Returns:
         :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
     """
-    device = torch.device(device)
+    device = check_device(device)
     with allocator_settings():
         return _run_plan(plan, device, check_finite, progress, prefetch_bytes, threads, workers, observers)
 

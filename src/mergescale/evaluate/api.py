@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from mergescale import __version__
-from mergescale.errors import ConfigError, TaskError
+from mergescale.device import check_device
+from mergescale.errors import ConfigError, NonFiniteError, NonFiniteScoreWarning, TaskError
 from mergescale.evaluate import metrics as M
 from mergescale.evaluate.encoding import (
     EncoderSettings,
@@ -35,6 +37,7 @@ from mergescale.evaluate.scoring import score_loglikelihoods
 from mergescale.evaluate.tasks import Suite, Task, load_tasks
 
 TaskSource = str | Path | Task | Suite | Sequence[Task]
+OnNonFinite = Literal["raise", "undefined"]
 
 
 def evaluate(
@@ -51,6 +54,8 @@ def evaluate(
     split: str = "test",
     backend: str = "mergescale",
     include_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    on_nonfinite: OnNonFinite = "raise",
 ) -> EvalResults:
     """Evaluate ``model`` on ``tasks`` and return per-task metrics, category means and the model's identity.
 
@@ -68,18 +73,27 @@ def evaluate(
             selection).
         backend: ``"mergescale"`` (this scorer) or ``"lm-eval"`` (lm-evaluation-harness, optional extra).
         include_path: extra task folder for the harness (``backend="lm-eval"``).
+        trust_remote_code: let transformers run code shipped with the model (its ``auto_map``); off by default,
+            and a model that asks for it is refused with an error (never a prompt).
+        on_nonfinite: what a NaN or infinite log-likelihood (a model with NaN / Inf weights; for generation
+            tasks, non-finite logits) does: ``"raise"`` (default) raises :class:`~mergescale.errors.NonFiniteError`
+            naming the model and the task, never a score; ``"undefined"`` (for a study that must go on) sets
+            every metric of that task to NaN, says why in ``TaskResult.undefined`` and warns
+            (:class:`~mergescale.errors.NonFiniteScoreWarning`). Category means leave NaN scores out.
 
     Example::
 
         results = evaluate("out/merged", "world/tasks/suite.yaml", limit=200)
         results.score("sentiment")          # primary metric (first of the task's metrics)
     """
+    check_device(device)
     if backend == "lm-eval":
         from mergescale.evaluate.lm_eval_backend import evaluate_lm_eval
 
         return evaluate_lm_eval(
             model, tasks, tokenizer=tokenizer, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-            log_samples=log_samples, include_path=include_path,
+            log_samples=log_samples, include_path=include_path, trust_remote_code=trust_remote_code,
+            on_nonfinite=on_nonfinite,
         )  # fmt: skip
     if backend != "mergescale":
         raise ConfigError(f"unknown evaluation backend {backend!r}; available: lm-eval, mergescale")
@@ -87,9 +101,23 @@ def evaluate(
         raise ConfigError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    check_on_nonfinite(on_nonfinite)
     task_list = load_tasks(tasks)
-    loaded = load_model(model, tokenizer=tokenizer, device=device, dtype=dtype)
-    evaluator = Evaluator(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    loaded = load_model(
+        model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    evaluator = Evaluator(
+        loaded.model,
+        loaded.tokenizer,
+        batch_size=batch_size,
+        on_nonfinite=on_nonfinite,
+        name=loaded.identity.path or loaded.identity.name,
+    )
     results: dict[str, TaskResult] = {}
     samples: list[dict[str, Any]] = []
     with _progress_bars(progress) as bar_for:
@@ -126,12 +154,28 @@ class Evaluator:
     A caller that scores many models with one tokenizer (a study: every merge of one base) keeps one Evaluator
     and swaps the weights of its ``model`` in place: tasks resolved by :meth:`resolve_tasks` and their encodings
     are then loaded and tokenised once.
+
+    ``on_nonfinite`` is :func:`evaluate`'s: ``"raise"`` (a NaN / infinite log-likelihood raises
+    :class:`~mergescale.errors.NonFiniteError`) or ``"undefined"`` (the task's metrics are NaN,
+    ``TaskResult.undefined`` says why, and a :class:`~mergescale.errors.NonFiniteScoreWarning` is issued).
+    ``name`` names the model in those messages (default: its ``name_or_path``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        on_nonfinite: OnNonFinite = "raise",
+        name: str | None = None,
+    ) -> None:
+        check_on_nonfinite(on_nonfinite)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.on_nonfinite = on_nonfinite
+        self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.settings = EncoderSettings.for_model(tokenizer, getattr(model, "config", None))
         self.tokenizer_key = tokenizer_fingerprint(tokenizer)
         self._loaded: dict[str, tuple[tuple, list[Task]]] = {}
@@ -162,6 +206,7 @@ class Evaluator:
         start = time.perf_counter()
         encoded = self._encoded(task, split, limit)
         rows = encoded["rows"]
+        self._nonfinite = (0, 0, "")
         with _eval_mode(self.model):
             if task.kind == "multiple_choice":
                 metrics, samples = self._multiple_choice(task, rows, encoded, on_progress)
@@ -170,6 +215,9 @@ class Evaluator:
             else:
                 metrics, samples = self._perplexity(task, rows, encoded, on_progress)
         assert task.metrics is not None and task.category is not None
+        undefined = nonfinite_outcome(self.name, task.name, *self._nonfinite, on_nonfinite=self.on_nonfinite)
+        if undefined is not None:
+            metrics = {name: math.nan for name in metrics}
         result = TaskResult(
             category=task.category,
             kind=task.kind,
@@ -179,6 +227,7 @@ class Evaluator:
             seconds=round(time.perf_counter() - start, 4),
             num_fewshot=task.num_fewshot,
             split=split,
+            undefined=undefined,
         )
         if not log_samples:
             return result, []
@@ -188,6 +237,7 @@ class Evaluator:
     def _multiple_choice(self, task: Task, rows: list, encoded: dict, on_progress: Any) -> tuple[dict, list]:
         requests: list[LoglikelihoodRequest] = encoded["requests"]
         scores = self._score(requests, on_progress)
+        self._count_nonfinite(scores, "log-likelihoods")
         lls: list[list[float]] = [[math.nan] * len(row.choices) for row in rows]
         for req, values in zip(requests, scores, strict=True):
             for k, value in zip(req.choice_ids, values, strict=True):
@@ -202,11 +252,13 @@ class Evaluator:
         return {"acc": M.mean(acc), "acc_norm": M.mean(acc_norm)}, samples
 
     def _generation(self, task: Task, rows: list, encoded: dict, on_progress: Any) -> tuple[dict, list]:
+        nonfinite: list[int] = []
         outputs = generate_greedy(
             self.model, self.tokenizer, encoded["prompts"], stop=task.generation.stop,
             max_new_tokens=task.generation.max_new_tokens, max_length=self.settings.max_length,
-            batch_size=self.batch_size, on_progress=on_progress,
+            batch_size=self.batch_size, on_progress=on_progress, nonfinite_rows=nonfinite,
         )  # fmt: skip
+        self._nonfinite = (len(nonfinite), len(outputs), "generations (their logits)")
         assert task.metrics is not None
         per_metric: dict[str, list[float]] = {name: [] for name in M.GENERATION_METRICS}
         samples = []
@@ -221,6 +273,7 @@ class Evaluator:
         requests: list[LoglikelihoodRequest] = encoded["requests"]
         counts: list[int] = encoded["counts"]
         scores = self._score(requests, on_progress)
+        self._count_nonfinite(scores, "log-likelihoods")
         nll = [0.0] * len(rows)
         for req, values in zip(requests, scores, strict=True):
             nll[req.owner] -= values[0]
@@ -228,6 +281,10 @@ class Evaluator:
             {"index": i, "nll": v, "tokens": n} for i, (v, n) in enumerate(zip(nll, counts, strict=True))
         ]
         return M.perplexity_metrics(sum(nll), sum(counts)), samples
+
+    def _count_nonfinite(self, scores: list[list[float]], what: str) -> None:
+        values = [v for per_request in scores for v in per_request]
+        self._nonfinite = (sum(not math.isfinite(v) for v in values), len(values), what)
 
     # -- encoding cache --------------------------------------------------------------------------------------
     def _encoded(self, task: Task, split: str, limit: int | None) -> dict[str, Any]:
@@ -273,6 +330,30 @@ class Evaluator:
             if candidate is not None:
                 return int(candidate)
         return 0  # any id will do: padded positions are masked out
+
+
+# -- non-finite scores -------------------------------------------------------------------------------------------
+
+
+def check_on_nonfinite(on_nonfinite: str) -> None:
+    if on_nonfinite not in ("raise", "undefined"):
+        raise ConfigError(f"on_nonfinite must be 'raise' or 'undefined', got {on_nonfinite!r}")
+
+
+def nonfinite_outcome(
+    model: str, task: str, bad: int, total: int, what: str, *, on_nonfinite: OnNonFinite
+) -> str | None:
+    """None when nothing was non-finite; else raise (``"raise"``) or warn and return the reason the task's
+    score is undefined (``"undefined"``). NaN log-likelihoods would otherwise become a plausible score: argmax
+    over NaN picks the first choice every time."""
+    if not bad:
+        return None
+    reason = f"{bad} of {total} {what} are NaN or infinite"
+    message = f"model {model}: task {task!r}: {reason} (are its weights finite?)"
+    if on_nonfinite == "raise":
+        raise NonFiniteError(f"{message}; no score is given")
+    warnings.warn(f"{message}; the task's score is undefined (NaN)", NonFiniteScoreWarning, stacklevel=3)
+    return reason
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -29,6 +35,18 @@ class _StopOnStrings(StoppingCriteria):
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         done = [any(s in text for s in self.stop) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _NonFiniteLogits(LogitsProcessor):
+    """Notes which rows ever got a NaN or +Inf logit (-Inf is a legitimate "never this token"); changes nothing."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = [False] * rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1).tolist()  # (B,)
+        self.rows = [seen or now for seen, now in zip(self.rows, bad, strict=True)]
+        return scores
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -50,10 +68,13 @@ def generate_greedy(
     max_length: int,
     batch_size: int = 32,
     on_progress: Callable[[int], None] | None = None,
+    nonfinite_rows: list[int] | None = None,
 ) -> list[str]:
     """Greedy continuation of every tokenised prompt, decoded and cut at ``stop``.
 
     A prompt longer than ``max_length - max_new_tokens`` keeps its last tokens (the harness's left truncation).
+    With ``nonfinite_rows`` (a list), the index of every prompt whose logits held a NaN or +Inf at some step is
+    appended to it (their greedy tokens are meaningless).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -79,12 +100,16 @@ def generate_greedy(
             n = len(prompts[i])
             input_ids[row, width - n :] = torch.tensor(prompts[i])
             attention[row, width - n :] = 1
+        watch = _NonFiniteLogits(len(idx))
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             generation_config=config,
             stopping_criteria=StoppingCriteriaList([_StopOnStrings(tokenizer, stop, width)]),
+            logits_processor=LogitsProcessorList([watch]),
         )  # (B, T + new)
+        if nonfinite_rows is not None:
+            nonfinite_rows.extend(i for row, i in enumerate(idx) if watch.rows[row])
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
             outputs[i] = cut_at_stop(text, stop)

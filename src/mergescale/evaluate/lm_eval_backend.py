@@ -42,12 +42,20 @@ def evaluate_lm_eval(
     dtype: Any | None = None,
     log_samples: bool = False,
     include_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    on_nonfinite: str = "raise",
 ) -> EvalResults:
     """Evaluate with lm-evaluation-harness and return the same results format as :func:`evaluate`.
 
     ``tasks``: harness task names (a list or ``"a,b"``), or one of our task files / folders / suites / Task
     lists (exported to harness YAMLs first). ``include_path``: a folder of extra harness task YAMLs.
+    ``on_nonfinite``: as for :func:`evaluate`, from the harness's per-example log-likelihoods (multiple choice
+    and rolling log-likelihood tasks; the harness is always asked for them, and they are dropped afterwards
+    unless ``log_samples``).
     """
+    from mergescale.evaluate.api import check_on_nonfinite
+
+    check_on_nonfinite(on_nonfinite)
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -72,7 +80,9 @@ def evaluate_lm_eval(
         if not names:
             raise TaskError("no lm-eval task names given")
 
-    loaded = load_model(model, tokenizer=tokenizer, device=device, dtype=dtype)
+    loaded = load_model(
+        model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, backend="causal")
     results: dict[str, TaskResult] = {}
     samples: list[dict[str, Any]] = []
@@ -92,13 +102,15 @@ def evaluate_lm_eval(
                 raise TaskError(f"lm-eval has no task {name!r} (include_path={paths or None})")
             start = time.perf_counter()
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=[name], limit=limit, log_samples=log_samples, task_manager=manager,
+                model=lm, tasks=[name], limit=limit, log_samples=True, task_manager=manager,
                 bootstrap_iters=0, verbosity="WARNING",
             )  # fmt: skip
             seconds = time.perf_counter() - start
             task = ours.get(name)
             results[name], task_samples = _convert(out, name, seconds, task)
-            samples.extend(task_samples)
+            _check_finite(results[name], task_samples, name, loaded.identity, on_nonfinite)
+            if log_samples:
+                samples.extend(task_samples)
     device_str = str(next(loaded.model.parameters()).device)
     dtype_str = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     converted = EvalResults(
@@ -111,6 +123,20 @@ def evaluate_lm_eval(
     )
     converted.set_samples(samples)
     return converted
+
+
+def _check_finite(result: TaskResult, rows: list[dict], task: str, identity: Any, on_nonfinite: str) -> None:
+    """Apply ``on_nonfinite`` to the harness's per-example log-likelihoods of one task (in place)."""
+    from mergescale.evaluate.api import nonfinite_outcome
+
+    values = [v for row in rows for v in row.get("loglikelihoods", [])]
+    values += [row["nll"] for row in rows if "nll" in row]
+    bad = sum(not math.isfinite(v) for v in values)
+    model = identity.path or identity.name or "in memory"
+    undefined = nonfinite_outcome(model, task, bad, len(values), "log-likelihoods", on_nonfinite=on_nonfinite)  # type: ignore[arg-type]
+    if undefined is not None:
+        result.metrics = {name: math.nan for name in result.metrics}
+        result.undefined = undefined
 
 
 def _convert(

@@ -15,6 +15,7 @@ A category's ``score`` is the mean of its tasks' primary metrics (the study's ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,9 @@ class TaskResult(_Model):
     seconds: float
     num_fewshot: int = 0
     split: str = "test"
+    # Why every metric is NaN, when the model's log-likelihoods (or generation logits) were not finite and the
+    # caller asked for an undefined score instead of an error (``on_nonfinite="undefined"``); else None.
+    undefined: str | None = None
 
 
 class CategoryResult(_Model):
@@ -120,6 +124,7 @@ class EvalResults(_Model):
     def save(self, path: str | Path) -> Path:
         """Write the results JSON atomically; with samples, also ``samples.jsonl`` in the same folder."""
         path = Path(path)
+        check_results_path(path, samples=bool(self._samples))
         _atomic_write(path, self.model_dump_json(indent=2) + "\n")
         if self._samples:
             lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._samples)
@@ -146,6 +151,24 @@ class EvalResults(_Model):
         return results
 
 
+def check_results_path(path: str | Path, *, samples: bool = False) -> None:
+    """Refuse a results path that is a folder (or whose ``samples.jsonl`` would be), or whose folder cannot be
+    written, before anything is evaluated or written.
+
+    Raises:
+        OutputError: naming the path.
+    """
+    from mergescale.io.writer import check_writable
+
+    path = Path(path)
+    for target in [path, samples_path(path)] if samples else [path]:
+        if target.is_dir():
+            raise OutputError(
+                f"{target}: is a folder; give the results a file name (e.g. {target / 'results.json'})"
+            )
+    check_writable(path.absolute().parent, f"results file {path}")
+
+
 def samples_path(results_path: Path) -> Path:
     """Where the per-example log of a results file goes: ``samples.jsonl`` in the same folder."""
     return results_path.with_name("samples.jsonl")
@@ -166,11 +189,17 @@ def category_means(tasks: dict[str, TaskResult]) -> dict[str, CategoryResult]:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write to a temporary sibling, then rename over the target (readers never see a half-written file)."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write: {exc}") from None
+    except BaseException as exc:
+        if tmp is not None:  # never leave the hidden temporary behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -41,6 +41,123 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+
+# Bits per element of every dtype the safetensors format defines (to check a header, readable or not).
+_ST_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}  # fmt: skip
+# The safetensors library refuses larger headers (its MAX_HEADER_SIZE).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a checked safetensors header: offsets are absolute positions in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(file: Path, fd: int | None = None) -> dict[str, HeaderEntry]:
+    """The tensors of a safetensors file's header, checked as the ``safetensors`` library checks them
+    (``Metadata::validate`` and ``read_metadata``): a header length that fits the file (at most 100 MB), a JSON
+    object whose ``__metadata__`` maps strings to strings, and per tensor a known dtype, a shape and
+    ``data_offsets`` of non-negative integers; sorted by offset, the tensors must tile the data section exactly:
+    the first starts at 0, each starts where the previous ends (no gap, no overlap), each spans exactly the bytes
+    its shape and dtype need, and the last ends where the file ends. A forged header (offsets that overlap,
+    point into the header, or past the end) is refused instead of being read as weights.
+
+    Raises:
+        InputModelError: one line naming the file and, where one is at fault, the tensor.
+    """
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError as exc:
+            raise InputModelError(f"{file}: cannot open ({exc.strerror or exc})") from None
+    assert fd is not None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size or n > _MAX_HEADER_BYTES:
+            raise InputModelError(f"{file}: not a valid safetensors file (bad header length, file of {size} bytes)")
+        raw = os.pread(fd, n, 8)
+    finally:
+        if own:
+            os.close(fd)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputModelError(f"{file}: not a valid safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise InputModelError(f"{file}: not a valid safetensors file (header is not a mapping)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputModelError(f"{file}: not a valid safetensors file (__metadata__ must map strings to strings)")
+    data_start = 8 + n
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entries[name] = _header_entry(file, name, entry)
+    expected = 0
+    previous = None
+    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != expected:
+            where = f"the previous tensor {previous!r} ends at {expected}" if previous else "the first must start at 0"
+            raise InputModelError(
+                f"{file}: tensor {name!r} starts at byte {begin} of the data section, but {where} "
+                "(offsets must be contiguous and must not overlap)"
+            )
+        if end < begin:
+            raise InputModelError(f"{file}: tensor {name!r} ends (byte {end}) before it begins (byte {begin})")
+        bits = _ST_BITS[dtype]
+        for d in shape:
+            bits *= d
+        if bits % 8 or end - begin != bits // 8:
+            raise InputModelError(
+                f"{file}: tensor {name!r} has {end - begin} bytes, its shape {list(shape)} and dtype {dtype} "
+                f"need {bits / 8:g}"
+            )
+        if data_start + end > size:
+            raise InputModelError(
+                f"{file}: truncated file: tensor {name!r} ends at byte {data_start + end}, file has {size}"
+            )
+        expected, previous = end, name
+    if data_start + expected != size:
+        raise InputModelError(
+            f"{file}: not a valid safetensors file (its tensors cover {expected} bytes of a {size - data_start}-byte "
+            "data section)"
+        )
+    return {
+        name: HeaderEntry(dtype, shape, data_start + begin, data_start + end)
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
+
+
+def _header_entry(file: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    def bad(why: str) -> InputModelError:
+        return InputModelError(f"{file}: not a valid safetensors file (tensor {name!r}: {why})")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not a mapping")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_BITS:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise bad(f"data_offsets {offsets!r} are not two non-negative integers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -127,47 +244,24 @@ class SafetensorsCheckpoint:
             self._fds[file] = fd
         return fd
 
-    def _read_header(self, file: Path) -> dict[str, Any]:
-        fd = self._fd(file)
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size or n > 100_000_000:
-            raise InputModelError(f"{file}: not a valid safetensors file (bad header length, file of {size} bytes)")
-        try:
-            header = json.loads(os.pread(fd, n, 8))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputModelError(f"{file}: not a valid safetensors file (header is not JSON: {exc})") from None
-        if not isinstance(header, dict):
-            raise InputModelError(f"{file}: not a valid safetensors file (header is not a mapping)")
-        data_start = 8 + n
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _ST_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise InputModelError(f"{file}: not a valid safetensors file (bad entry for tensor {name!r})") from None
-            info = TensorInfo(shape, dtype, file)
-            if end - begin != info.nbytes:
-                raise InputModelError(f"{file}: tensor {name!r} has {end - begin} bytes, its shape needs {info.nbytes}")
-            if data_start + end > size:
+    def _read_header(self, file: Path) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for name, entry in read_safetensors_header(file, self._fd(file)).items():
+            dtype = _ST_DTYPES.get(entry.dtype)
+            if dtype is None:
                 raise InputModelError(
-                    f"{file}: truncated file: tensor {name!r} ends at byte {data_start + end}, file has {size}"
+                    f"{file}: tensor {name!r} has dtype {entry.dtype}, which mergescale cannot read "
+                    f"({', '.join(_ST_DTYPES)})"
                 )
-            header[name] = info
-            self._offsets[name] = (data_start + begin, end - begin)
-        return header
+            infos[name] = TensorInfo(entry.shape, dtype, file)
+            self._offsets[name] = (entry.begin, entry.end - entry.begin)
+        return infos
 
     def info(self) -> dict[str, TensorInfo]:
         if self._info is None:
             info: dict[str, TensorInfo] = {}
             for file in self._files:
-                for name, entry in self._read_header(file).items():
-                    if name != "__metadata__":
-                        info[name] = entry
+                info.update(self._read_header(file))
             self._info = info
         return self._info
 
@@ -242,7 +336,7 @@ class TorchBinCheckpoint:
             # weights_only: never run pickled code from a checkpoint; mmap: read lazily from disk
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise InputModelError(f"{file}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+            raise InputModelError(_load_refusal(file, exc)) from None
         if not isinstance(state, dict):
             raise InputModelError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
         self._loaded = (file, state)
@@ -265,15 +359,61 @@ class TorchBinCheckpoint:
         self._loaded = None
 
 
+def _load_refusal(file: Path, exc: Exception) -> str:
+    """torch.load's error as one line. A pickle calling code gives a paragraph about the default of
+    ``weights_only``; only the line saying what it tried to load is kept."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))]
+        reason = detail[0] if detail else lines[0].split(".")[0]
+        return f"{file}: refused by torch.load(weights_only=True), it holds more than tensors: {reason}"
+    reason = lines[0] if lines else type(exc).__name__
+    return f"{file}: cannot load with torch.load(weights_only=True) ({type(exc).__name__}: {reason})"
+
+
 def _index_files(index_path: Path) -> list[Path]:
+    """The shard files an index lists, each inside the model folder: a shard path that is absolute or climbs out
+    of it (``../other/model.safetensors``) is refused, so an index cannot make mergescale read other files.
+    (Symbolic links are followed: the Hugging Face cache links every file of a snapshot to a blob outside it.)"""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputModelError(f"{index_path}: not a valid index file ({exc})") from None
-    return [index_path.parent / f for f in dict.fromkeys(weight_map.values())]
+    if not isinstance(weight_map, dict):
+        raise InputModelError(f"{index_path}: not a valid index file (weight_map is not a mapping)")
+    files = []
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputModelError(f"{index_path}: tensor {name!r}: shard {shard!r} is not a file name")
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        if PurePath(shard).is_absolute() or shard.startswith(("/", "\\")) or ".." in parts or ":" in shard:
+            raise InputModelError(
+                f"{index_path}: tensor {name!r}: shard path {shard!r} leaves the model folder; refused"
+            )
+        files.append(shard)
+    return [index_path.parent / f for f in dict.fromkeys(files)]
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def looks_like_hub_id(ref: str | Path) -> bool:
+    """Whether a reference that is no local folder may be a Hub id: a string ``namespace/name`` whose first
+    part is not a local folder either (``models/base`` beside a ``models/`` folder is a missing local path)."""
+    return (
+        isinstance(ref, str)
+        and bool(_HUB_ID.match(ref))
+        and not ref.startswith(".")
+        and not Path(ref.split("/")[0]).exists()
+    )
+
+
+def missing_model_path(ref: str | Path) -> InputModelError:
+    """The error for a local model path that does not exist, naming the deepest part of it that does."""
+    path = Path(ref).expanduser()
+    existing = next((p for p in path.parents if str(p) not in ("", ".") and p.is_dir()), None)
+    hint = f" ({existing} has no {path.relative_to(existing).parts[0]!r})" if existing is not None else ""
+    return InputModelError(f"model path {ref} does not exist{hint}")
 
 
 def resolve_model_path(ref: str | Path) -> Path:
@@ -283,7 +423,7 @@ def resolve_model_path(ref: str | Path) -> Path:
         if not path.is_dir():
             raise InputModelError(f"{path}: expected a model folder, got a file")
         return path
-    if isinstance(ref, str) and _HUB_ID.match(ref):
+    if looks_like_hub_id(ref):
         from huggingface_hub import snapshot_download
 
         try:
@@ -292,11 +432,12 @@ def resolve_model_path(ref: str | Path) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
             )
         except Exception as exc:  # offline, missing repo, auth: all the same to the user
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise InputModelError(
-                f"model {ref!r}: no such local folder, and the Hub download failed ({type(exc).__name__}: {exc})"
+                f"model {ref!r}: no such local folder, and the Hub download failed ({type(exc).__name__}: {first})"
             ) from None
         return Path(local)
-    raise InputModelError(f"model path {ref} does not exist")
+    raise missing_model_path(ref)
 
 
 def open_checkpoint(ref: str | Path) -> TensorSource:

@@ -291,7 +291,14 @@ def read_loss_log(path: str | Path) -> list[LossPoint]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputModelError(f"loss log {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputModelError(
+            f"{path}: not a text loss log (binary data; expected trainer_state.json, CSV or JSON Lines)"
+        ) from None
+    except OSError as exc:
+        raise InputModelError(f"loss log {path}: cannot read ({exc.strerror or exc})") from None
     points: list[LossPoint] = []
     if path.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())

@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,10 +120,13 @@ class AtomicFolder:
         self.tmp: Path | None = None
 
     def create(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(self.target)
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.target)
+            self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"output folder {self.target}: cannot create it ({_why(exc)})") from None
         return self.tmp
 
     def commit(self) -> None:
@@ -146,12 +149,65 @@ class AtomicFolder:
 
 
 def check_output_folder(target: Path, *, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``."""
+    """Refuse an output path that is a file, a non-empty folder unless ``overwrite``, or a place that cannot be
+    written (its nearest existing folder is not writable, or on a read-only file system)."""
+    target = Path(target)
     if target.exists():
         if not target.is_dir():
             raise OutputError(f"output path {target} exists and is not a folder")
         if not overwrite and any(target.iterdir()):
             raise OutputError(f"output folder {target} is not empty (use --overwrite to replace it)")
+    # the output is made as a temporary sibling, renamed into place: its parent folder must take new entries
+    check_writable(target.absolute().parent, f"output folder {target}")
+
+
+def check_apart_from_inputs(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output folder that is, lies inside, or contains one of the ``(label, folder)`` inputs, paths
+    resolved (symbolic links, ``..``): with ``--overwrite`` the output replaces its folder at the end, which
+    would delete an input (``mergescale merge cfg.yaml models/base --overwrite`` replaced the base model), and
+    without it the output would be written into an input's folder.
+
+    Raises:
+        OutputError: naming the output and the input.
+    """
+    out = Path(target).expanduser().resolve()
+    for label, folder in inputs:
+        src = Path(folder).expanduser().resolve()
+        if out == src:
+            how = "is"
+        elif src in out.parents:
+            how = "is inside"
+        elif out in src.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"output folder {target} {how} the input {label} ({folder}); choose another output folder")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse ``what`` (an output, for the message) when entries cannot be created in ``folder``: the folder, or
+    its nearest existing ancestor when it is still to be made, is a file, is not writable, or sits on a
+    read-only file system. (A pseudo file system such as ``/proc`` passes here and fails when the output is
+    created, with the same kind of one-line error.)"""
+    folder = Path(folder).absolute()
+    existing = folder if folder.exists() else next((p for p in folder.parents if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise OutputError(f"{what}: cannot create it ({existing} is a file)")
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    except OSError:
+        read_only = False
+    if read_only:
+        raise OutputError(f"{what}: cannot write there ({existing} is on a read-only file system)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: cannot write there (no permission to write in {existing})")
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as a short reason: ``Read-only file system: '/mnt/x'``."""
+    return f"{exc.strerror}: {str(exc.filename)!r}" if exc.strerror and exc.filename else str(exc)
 
 
 def _remove_stale_temporaries(target: Path) -> None:

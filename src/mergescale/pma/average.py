@@ -14,7 +14,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,25 @@ import torch
 
 from mergescale import __version__
 from mergescale.config import parse_dtype
+from mergescale.device import check_device
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
-from mergescale.errors import ConfigError, NonFiniteError, OutputError, TensorMismatchError
+from mergescale.errors import ConfigError, InputModelError, NonFiniteError, OutputError, TensorMismatchError
 from mergescale.io.checkpoint import open_checkpoint
-from mergescale.io.discover import CheckpointRef, RunInfo, checkpoints_from_paths, discover_run
-from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, ModelFolderSink, check_output_folder
+from mergescale.io.discover import (
+    CheckpointRef,
+    RunInfo,
+    checkpoints_from_paths,
+    discover_run,
+    step_from_name,
+)
+from mergescale.io.writer import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    ModelFolderSink,
+    check_apart_from_inputs,
+    check_output_folder,
+)
 from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
 from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
 from mergescale.pma.window import parse_interval, select_window
@@ -71,6 +84,7 @@ class PMAResult:
     record: PMARecord
     out_dir: Path | None = None
     stats: StreamStats | None = None
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int | None]:
@@ -105,11 +119,33 @@ def load_run(
     return discover_run(run_dir, tokens_per_step=tokens_per_step)
 
 
-def choose(info: RunInfo, settings: PMASettings, *, dtype: torch.dtype | None = None) -> PMAResult:
-    """Select the window and compute the weights (nothing is read or written)."""
+def choose(
+    info: RunInfo,
+    settings: PMASettings,
+    *,
+    dtype: torch.dtype | None = None,
+    skip_incomplete: bool = False,
+    last_step: int | None = None,
+) -> PMAResult:
+    """Select the window and compute the weights (nothing is read or written).
+
+    A step folder without weights inside the window's span (from its oldest checkpoint to ``end``, or
+    ``last_step``, or beyond the newest) would silently shift the window to other checkpoints than asked: it is
+    an error naming the folder, unless ``skip_incomplete``, which leaves it out and records it
+    (``PMAResult.skipped``, ``pma.json``'s ``skipped_incomplete``).
+    """
     chosen = select_window(
         info.checkpoints, window=settings.window, interval=settings.interval, end=settings.end
     )
+    limit = settings.end if settings.end is not None else last_step
+    skipped = incomplete_in_window(info, chosen, limit)
+    if skipped and not skip_incomplete:
+        folder, why = skipped[0]
+        steps = [c.step for c in chosen]
+        raise InputModelError(
+            f"{folder}: checkpoint folder has {why}, inside the window (steps {steps[0]} to {steps[-1]} without "
+            f"it); finish or remove it, or pass --skip-incomplete to average without it"
+        )
     weights = strategy_weights(settings.strategy, len(chosen), alpha=settings.alpha, weights=settings.weights)
     interval = parse_interval(settings.interval)
     record = PMARecord(
@@ -128,8 +164,29 @@ def choose(info: RunInfo, settings: PMASettings, *, dtype: torch.dtype | None = 
             )
             for c, w in zip(chosen, weights, strict=True)
         ],
+        skipped_incomplete=[folder.name for folder, _ in skipped],
     )
-    return PMAResult(settings=settings, checkpoints=chosen, weights=weights, record=record)
+    return PMAResult(
+        settings=settings,
+        checkpoints=chosen,
+        weights=weights,
+        record=record,
+        skipped=[folder for folder, _ in skipped],
+    )
+
+
+def incomplete_in_window(
+    info: RunInfo, chosen: Sequence[CheckpointRef], last_step: int | None
+) -> list[tuple[Path, str]]:
+    """The step folders without weights (``info.skipped``) that lie at or after the window's oldest checkpoint and
+    at or before ``last_step`` (None: no limit): had they held weights, the window would have differed."""
+    first = chosen[0].step if chosen else None
+    out = []
+    for folder, why in info.skipped:
+        step = step_from_name(folder.name)
+        if step is None or first is None or (step >= first and (last_step is None or step <= last_step)):
+            out.append((folder, why))
+    return out
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -154,6 +211,7 @@ def average_checkpoints(
     progress: bool = True,
     tokens_per_step: int | None = None,
     max_shard_size: int | str = "5GB",
+    skip_incomplete: bool = False,
 ) -> PMAResult:
     """Average checkpoints of a pre-training run into a Hugging Face folder at ``out_dir``.
 
@@ -170,14 +228,18 @@ def average_checkpoints(
     Streams through the merge engine (float32 accumulation, one tensor at a time); the output keeps the input
     dtype unless ``dtype``, takes ``config.json`` and tokenizer files from the newest checkpoint, and holds
     ``pma.json`` (:class:`PMARecord`). ``dry_run`` only selects and weighs: nothing is read or written.
+    A step folder without weights inside the window's span is an error unless ``skip_incomplete`` (then it is
+    left out, listed in ``PMAResult.skipped`` and ``pma.json``).
 
     Raises:
         ConfigError: bad window, interval, alpha or weights; too few checkpoints.
-        InputModelError, TensorMismatchError: unreadable checkpoint; tensor names or shapes that differ.
+        InputModelError, TensorMismatchError: unreadable checkpoint; a step folder without weights inside the
+            window; tensor names or shapes that differ.
         NonFiniteError: a NaN or Inf in any averaged checkpoint.
         OutputError: ``out_dir`` is not empty (without ``overwrite``).
         Nothing is written to ``out_dir`` on any error.
     """
+    check_device(device)
     settings = PMASettings(
         strategy=strategy,
         window=window,
@@ -188,11 +250,12 @@ def average_checkpoints(
     )
     out_dtype = _dtype(dtype)
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
-    result = choose(info, settings, dtype=out_dtype)
+    result = choose(info, settings, dtype=out_dtype, skip_incomplete=skip_incomplete)
     out = Path(out_dir)
     if dry_run:
         return result
     check_output_folder(out, overwrite=overwrite)
+    check_apart_from_checkpoints(out, info.checkpoints)
     planned = [_Planned(result, out)]
     _stream(
         info,
@@ -260,6 +323,7 @@ def sweep_checkpoints(
     progress: bool = True,
     tokens_per_step: int | None = None,
     max_shard_size: int | str = "5GB",
+    skip_incomplete: bool = False,
 ) -> list[PMAResult]:
     """Many averages from ONE read of the checkpoints: every combination of ``grid`` (e.g.
     ``{"strategy": ["sma", "ema", "wma"], "window": [3, 6, 10]}``) over the other settings, each written to
@@ -269,6 +333,7 @@ def sweep_checkpoints(
     that uses it. Errors are raised before anything is written, as for :func:`average_checkpoints`; identical
     combinations (e.g. ``alpha`` swept with ``sma``) are written once.
     """
+    check_device(device)
     base = PMASettings(strategy=strategy, window=window, interval=interval, end=end, alpha=alpha)
     out_dtype = _dtype(dtype)
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
@@ -276,7 +341,7 @@ def sweep_checkpoints(
     for settings in sweep_settings(base, grid):
         if settings.kind != "ema":
             settings = replace(settings, alpha=DEFAULT_ALPHA)  # alpha means nothing here: do not duplicate
-        result = choose(info, settings, dtype=out_dtype)
+        result = choose(info, settings, dtype=out_dtype, skip_incomplete=skip_incomplete)
         results.setdefault(result.label, result)
     out = Path(out_dir)
     if dry_run:
@@ -284,6 +349,7 @@ def sweep_checkpoints(
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a folder")
     planned = [_Planned(r, out / label) for label, r in results.items()]
+    check_apart_from_checkpoints(out, info.checkpoints)
     for p in planned:
         check_output_folder(p.sink_dir, overwrite=overwrite)
     if (out / SWEEP_JSON).exists() and not overwrite:
@@ -305,6 +371,14 @@ def sweep_checkpoints(
     )
     _write_atomic(out / SWEEP_JSON, record.to_json())
     return list(results.values())
+
+
+def check_apart_from_checkpoints(out: Path, checkpoints: Sequence[CheckpointRef]) -> None:
+    """The output folder must not be, lie inside or contain a checkpoint of the run (its weights folder or its
+    step folder), averaged or not: --overwrite would replace it. The run folder may hold it (``-o runs/r/pma``)."""
+    check_apart_from_inputs(
+        out, [(f"checkpoint {c.name}", p) for c in checkpoints for p in dict.fromkeys([c.path, c.folder])]
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

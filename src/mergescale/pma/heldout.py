@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergescale.errors import InputModelError, TaskError
+from mergescale.errors import InputModelError, NonFiniteScoreWarning, TaskError
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.writer import TOKENIZER_FILES
 
@@ -59,14 +60,22 @@ def find_tokenizer_folder(candidates: Sequence[Path | None]) -> Path:
     raise InputModelError(f"no tokenizer files in {names}; the held-out loss needs a tokenizer")
 
 
-def load_causal_lm(folder: str | Path, config: dict[str, Any] | None = None) -> torch.nn.Module:
+def load_causal_lm(
+    folder: str | Path, config: dict[str, Any] | None = None, *, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """A causal LM in float32 for evaluation, from a Hugging Face folder or any checkpoint mergescale reads
-    (a DCP folder needs a ``config.json`` beside it, or ``config``)."""
+    (a DCP folder needs a ``config.json`` beside it, or ``config``). A model naming code of its own
+    (``auto_map``) is refused unless ``trust_remote_code``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mergescale.evaluate.loading import check_remote_code
+
     folder = Path(folder)
+    check_remote_code(folder, trust_remote_code=trust_remote_code)
     if config is None and (folder / "config.json").is_file() and not (folder / ".metadata").is_file():
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
     source = open_checkpoint(folder)
     try:
         cfg_dict = dict(config or source.config or {})
@@ -74,7 +83,14 @@ def load_causal_lm(folder: str | Path, config: dict[str, Any] | None = None) -> 
             raise InputModelError(
                 f"{folder}: no config.json with a model_type; cannot build a model to evaluate"
             )
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg_dict)).float()
+        if cfg_dict.get("auto_map") and not trust_remote_code:
+            raise InputModelError(
+                f"{folder}: its config's auto_map names code shipped with the model; mergescale never runs a "
+                "model's own code unless you pass --trust-remote-code (trust_remote_code=True)"
+            )
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(**cfg_dict), trust_remote_code=trust_remote_code
+        ).float()
         result = model.load_state_dict({n: source.read(n) for n in source.info()}, strict=False)
     finally:
         source.close()
@@ -99,20 +115,32 @@ def folder_loss(
     tokenizer_folder: Path,
     config: dict[str, Any] | None = None,
     batch_size: int = 8,
+    trust_remote_code: bool = False,
 ) -> float:
     """Mean next-token NLL (nats per token) over ``texts`` of the model in ``folder``, with the tokenizer of
     ``tokenizer_folder``, by :func:`mergescale.evaluate.evaluate`; ``inf`` when it is not finite."""
     from transformers import AutoTokenizer
 
     from mergescale.evaluate import evaluate
+    from mergescale.evaluate.loading import check_remote_code
     from mergescale.evaluate.tasks import Task, TaskData
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    model = load_causal_lm(folder, config)
+    check_remote_code(Path(tokenizer_folder), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), trust_remote_code=trust_remote_code)
+    model = load_causal_lm(folder, config, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="mergescale-heldout-") as tmp:
         data = Path(tmp) / "heldout.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         task = Task(name="heldout", kind="perplexity", data=TaskData(test=str(data)), metrics=["loss", "ppl"])
-        results = evaluate(model, [task], tokenizer=tokenizer, batch_size=batch_size, progress=False)
+        with warnings.catch_warnings():  # a diverged model's loss is reported as inf, the recovery's answer
+            warnings.simplefilter("ignore", NonFiniteScoreWarning)
+            results = evaluate(
+                model,
+                [task],
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                progress=False,
+                on_nonfinite="undefined",
+            )
     loss = results.score("heldout")
     return loss if math.isfinite(loss) else math.inf

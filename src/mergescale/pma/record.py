@@ -37,6 +37,8 @@ class PMARecord(BaseModel):
     dtype: str | None = None
     raw_weights: list[float] | None = None
     checkpoints: list[AveragedCheckpoint]
+    # step folders inside the window's span that held no weights and were left out (--skip-incomplete)
+    skipped_incomplete: list[str] = []
 
     @property
     def weights(self) -> list[float]:

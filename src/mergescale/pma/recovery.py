@@ -13,11 +13,20 @@ from pathlib import Path
 
 import torch
 
+from mergescale.device import check_device
 from mergescale.errors import ConfigError, InputModelError
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
 from mergescale.io.writer import check_output_folder
-from mergescale.pma.average import PMAResult, PMASettings, _dtype, _Planned, _stream, choose
+from mergescale.pma.average import (
+    PMAResult,
+    PMASettings,
+    _dtype,
+    _Planned,
+    _stream,
+    check_apart_from_checkpoints,
+    choose,
+)
 from mergescale.pma.spikes import Spike, SpikeRule, checkpoints_before, detect_spikes, first_unrecovered
 from mergescale.pma.weights import DEFAULT_ALPHA
 
@@ -68,6 +77,8 @@ def recover(
     dry_run: bool = False,
     progress: bool = True,
     tokens_per_step: int | None = None,
+    trust_remote_code: bool = False,
+    skip_incomplete: bool = False,
 ) -> RecoveryResult:
     """Detect spikes in a run's loss log and average the ``k`` checkpoints before the first unrecovered one.
 
@@ -76,12 +87,15 @@ def recover(
     A checkpoint counts as before the spike when its weights fed a normal logged loss (its step is below the
     last normal logged step). The average (``strategy``, default SMA as in the paper) goes to ``out_dir``;
     nothing is written when every spike recovered. With ``eval_data`` (text or JSONL) the held-out loss of the
-    average and of the rollback checkpoint are computed (float32, on the CPU).
+    average and of the rollback checkpoint are computed (float32, on the CPU); a model naming code of its own
+    (``auto_map``) is refused for that unless ``trust_remote_code``. A step folder without weights among the K
+    checkpoints' span is an error unless ``skip_incomplete``.
 
     Raises:
         InputModelError: no loss log; no checkpoint before the spike.
         and everything :func:`~mergescale.pma.average.average_checkpoints` raises.
     """
+    check_device(device)
     info = discover_run(run_dir, tokens_per_step=tokens_per_step)
     if loss_log is not None:
         log, source = read_loss_log(loss_log), Path(loss_log)
@@ -108,18 +122,29 @@ def recover(
         )
     window = [info.checkpoints[i] for i in picked]
     out_dtype = _dtype(dtype)
-    sub = RunInfo(root=info.root, checkpoints=window)
-    result.averaged = choose(sub, PMASettings(strategy=strategy, alpha=alpha), dtype=out_dtype)
+    sub = RunInfo(root=info.root, checkpoints=window, skipped=info.skipped)
+    result.averaged = choose(
+        sub,
+        PMASettings(strategy=strategy, alpha=alpha),
+        dtype=out_dtype,
+        skip_incomplete=skip_incomplete,
+        last_step=result.spike.last_good_step,
+    )
     result.rollback = window[-1]
     if dry_run:
         return result
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
+    check_apart_from_checkpoints(out, info.checkpoints)
     texts = None
     if eval_data is not None:
+        from mergescale.evaluate.loading import check_remote_code
         from mergescale.pma.heldout import load_texts
 
         texts = load_texts(eval_data)  # fail on bad eval data before the average is written
+        for folder in dict.fromkeys([info.root, *(c.folder for c in window), *(c.path for c in window)]):
+            if folder is not None:  # ... and on a model that names code of its own
+                check_remote_code(folder, trust_remote_code=trust_remote_code)
     _stream(
         sub,
         [_Planned(result.averaged, out)],
@@ -130,12 +155,17 @@ def recover(
         max_shard_size="5GB",
     )
     if texts is not None:
-        result.eval_losses = _compare(out, result.rollback, info, texts, eval_batch_size)
+        result.eval_losses = _compare(out, result.rollback, info, texts, eval_batch_size, trust_remote_code)
     return result
 
 
 def _compare(
-    averaged: Path, rollback: CheckpointRef, info: RunInfo, texts: list[str], batch_size: int
+    averaged: Path,
+    rollback: CheckpointRef,
+    info: RunInfo,
+    texts: list[str],
+    batch_size: int,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     from mergescale.pma.heldout import find_tokenizer_folder, folder_loss
 
@@ -144,13 +174,20 @@ def _compare(
     if not (rollback.path / "config.json").is_file():
         config = _config_of(averaged)
     return {
-        "average": folder_loss(averaged, texts, tokenizer_folder=tokenizer, batch_size=batch_size),
+        "average": folder_loss(
+            averaged,
+            texts,
+            tokenizer_folder=tokenizer,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        ),
         "rollback": folder_loss(
             resolve_model_path(rollback.path),
             texts,
             tokenizer_folder=tokenizer,
             config=config,
             batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
         ),
     }
 

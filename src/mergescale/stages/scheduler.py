@@ -7,7 +7,7 @@ returns its (picklable) result. :meth:`Scheduler.run` starts every job whose dep
 priority first, and hands each result to ``on_done`` in the calling process, which alone records results.
 
 With ``workers > 1`` jobs run on spawned processes (fork after torch has started its thread pools can hang the
-child) that die with their parent (:func:`~mergescale.stages.lifetime.exit_with_parent`); on an error or an
+child) that die with their parent from the moment they start (:mod:`~mergescale.stages.lifetime`); on an error or an
 interrupt they are stopped at once rather than waited for, since every job's output is atomic and a stopped job
 is simply redone by the next run. ``emit(event)`` in a worker reaches ``on_event`` in the calling process.
 """
@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from typing import Any
 
-from mergescale.stages.lifetime import exit_with_parent
+from mergescale.stages.lifetime import worker_initializer
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ _WORKER_STATE: dict[str, Any] = {}
 def _init_worker(
     make_state: Callable[..., Any], state_args: tuple, events: Any, threads: int | None, prepare: Callable | None
 ) -> None:
-    exit_with_parent()
+    # the worker already dies with its parent (worker_initializer armed that before these arguments loaded)
     if threads is not None:
         import torch
 
@@ -152,12 +152,12 @@ class Scheduler:
         ctx = mp.get_context("spawn")
         events = ctx.Queue() if on_event is not None else None
         running: dict[Future, Job] = {}
-        pool = ProcessPoolExecutor(
-            self.workers,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(self.make_state, self.state_args, events, self.threads, self.prepare),
+        # Linux's parent-death signal follows the thread that starts a worker: the pool starts them from this
+        # (calling) thread, which lives until the pool is shut down.
+        initializer, initargs = worker_initializer(
+            _init_worker, (self.make_state, self.state_args, events, self.threads, self.prepare)
         )
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=initializer, initargs=initargs)
         try:
             warmed = False
             while pending or running:

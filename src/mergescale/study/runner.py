@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mergescale.device import check_device
 from mergescale.errors import ConfigError
 from mergescale.stages.keys import stage_key
 from mergescale.stages.scheduler import Job
@@ -97,7 +98,10 @@ def run_study(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if max_memory is not None and max_memory <= 0:
         raise ConfigError(f"max_memory must be positive, got {max_memory}")
-    check_device(parsed.eval.device)
+    try:
+        check_device(parsed.eval.device)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.device: {exc}") from None
     plan = expand(parsed, base_dir)
     check_groups(plan)
     study_dir = Path(study_dir)
@@ -153,20 +157,6 @@ def run_study(
         store.close()
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def check_device(device: str) -> None:
-    """A device torch can use here, or a one-line error (before anything runs)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"eval.device: unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"eval.device: {device!r} asked for, but CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"eval.device: {device!r} is not supported; use cpu, cuda or cuda:N")
 
 
 def check_groups(plan: StudyPlan) -> None:

@@ -78,7 +78,9 @@ class StageActions:
         if self._tokenizer is None:
             from transformers import PreTrainedTokenizerFast
 
-            self._tokenizer = PreTrainedTokenizerFast.from_pretrained(str(self.layout.tokenizer))
+            self._tokenizer = PreTrainedTokenizerFast.from_pretrained(
+                str(self.layout.tokenizer), trust_remote_code=False
+            )
         return self._tokenizer
 
     def tasks(self) -> list[Any]:

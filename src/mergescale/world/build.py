@@ -117,8 +117,11 @@ def build_world(
             f"{root}: folder is not empty and holds no world build (no .stages/); choose another"
         )
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".stages").mkdir(exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ".stages").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the world folder ({exc.strerror or exc})") from None
     threads = threads or DEFAULT_THREADS
     workers = workers or default_workers()
     stages = plan(root, preset, seed)

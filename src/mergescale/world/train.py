@@ -232,7 +232,7 @@ def anneal(
 ) -> None:
     """Decay the rate linearly from its peak to zero over ``anneal_steps``, starting from ``checkpoint`` (weights
     and optimizer state); the annealed model is saved in ``out``."""
-    model = LlamaForCausalLM.from_pretrained(checkpoint)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, trust_remote_code=False)
     opt = _optimizer(model, settings.lr * lr_scale, settings.weight_decay)
     state = checkpoint / "optimizer.pt"
     if state.is_file():  # momentum carried over: the anneal continues the run rather than restarting it
@@ -336,7 +336,7 @@ def finetune(
     weights that answer the validation examples best are kept, and training stops once they stop improving:
     a task learnt in 50 steps is not over-fitted for 200 more. Returns the steps run and the selection.
     """
-    model = LlamaForCausalLM.from_pretrained(base)
+    model = LlamaForCausalLM.from_pretrained(base, trust_remote_code=False)
     opt = _optimizer(model, settings.lr * lr_scale, settings.weight_decay)
     steps, warmup = settings.steps, settings.warmup_steps
     decay = max(1, round(settings.decay_fraction * steps))
