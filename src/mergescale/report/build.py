@@ -9,14 +9,16 @@ folder as a report, which a rerun may replace without ``overwrite``), ``figures/
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mergescale.errors import ConfigError, OutputError
-from mergescale.io.writer import AtomicFolder
 from mergescale.report.data import ReportData, load, prepare
 from mergescale.report.figures import FIGURES, save
 from mergescale.report.findings import Finding, Rules, evaluate_findings
@@ -48,6 +50,30 @@ class ReportResult:
         return (self.html, self.markdown, self.out_dir / REPORT_MARKER, *self.figures, *self.tables)
 
 
+class _AtomicFolder:
+    """A hidden temporary sibling of ``target`` that replaces it whole on :meth:`commit` (the old folder is renamed
+    aside, then deleted) and vanishes on :meth:`abort`. The same scheme as ``mergescale.io.writer.AtomicFolder``,
+    without importing torch (which that module needs for its tensor sinks): 2.7 s of a report's ~12."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+
+    def commit(self) -> None:
+        trash = None
+        if self.target.exists():
+            trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            self.target.rename(trash)
+        self.tmp.rename(self.target)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def _is_report(folder: Path) -> bool:
     try:
         return json.loads((folder / REPORT_MARKER).read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
@@ -55,23 +81,20 @@ def _is_report(folder: Path) -> bool:
         return False
 
 
-def check_output(out_dir: Path, study_dirs: Sequence[Path], *, overwrite: bool) -> bool:
-    """Refuse an output that would destroy an input or a folder that is not a report (unless ``overwrite``);
-    returns whether an existing folder is to be replaced."""
+def check_output(out_dir: Path, study_dirs: Sequence[Path], *, overwrite: bool) -> None:
+    """Refuse an output that would destroy an input, or replace a folder that is not a report (an empty folder
+    or an earlier report is replaced; anything else only with ``overwrite``)."""
     out = out_dir.resolve()
     for s in study_dirs:
         src = s.resolve()
         if out == src or out in src.parents or src in out.parents:
             raise OutputError(f"{out_dir}: the report folder must not be, contain or lie inside the study folder {s}")
     if not out_dir.exists():
-        return False
+        return
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
-    if not any(out_dir.iterdir()) or _is_report(out_dir):
-        return True
-    if not overwrite:
+    if any(out_dir.iterdir()) and not _is_report(out_dir) and not overwrite:
         raise OutputError(f"{out_dir}: folder is not empty and holds no report; choose another or pass --overwrite")
-    return True
 
 
 def build_report(
@@ -96,7 +119,7 @@ def build_report(
         if not (d / STORE_FILE).is_file():
             raise OutputError(f"{d}: not a study folder (no {STORE_FILE}); run `mergescale study run` first")
     out = Path(out_dir)
-    replace = check_output(out, dirs, overwrite=overwrite)
+    check_output(out, dirs, overwrite=overwrite)
     tick = progress or (lambda what, done, total: None)
 
     tick("reading the studies", 0, len(dirs))
@@ -107,8 +130,8 @@ def build_report(
     data = prepare(loaded)
     findings = evaluate_findings(data, rules)
 
-    folder = AtomicFolder(out, overwrite=replace)
-    tmp = folder.create()
+    folder = _AtomicFolder(out)
+    tmp = folder.tmp
     try:
         figures, rendered, missing = _draw(data, tmp, tick)
         tick("writing tables and pages", 0, 1)

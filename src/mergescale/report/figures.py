@@ -94,7 +94,9 @@ def wrap(label: str, width: int = 22) -> str:
 def _panel_title(data: ReportData, group_name: str) -> str:
     g = data.results.group(group_name)
     params = f" ({human_count(g.parameters)} params)" if g.parameters else ""
-    return f"{g.size or g.name}{params} · {kind_name(g.base_kind)} base"
+    kind = f" · {kind_name(g.base_kind)} base" if g.base_kind else ""
+    name = g.size or g.name
+    return f"{name}{params}{kind}" if g.base_kind or name == g.name else f"{g.name}: {name}{params}"
 
 
 def _offsets(n: int, step: float) -> list[float]:
@@ -382,6 +384,7 @@ def retention_heatmap(data: ReportData) -> Figure | None:
             ax.set_yticklabels([wrap(lab, 20) for lab in labels] if j == 0 else [""] * len(labels))
     if image is not None:
         bar = fig.colorbar(image, ax=[a for row in axes for a in row if a.get_visible()], shrink=0.8)
+        bar.set_ticks([t for t in (0.0, 0.3, 0.6, 0.9, 1.0, 1.2, 1.5, 2.0) if t <= vmax])
         bar.set_label("retention = merged ÷ expert (0.9: the paper's threshold)")
     _suptitle(fig, "Per-task retention at the largest number of merged experts (mean over seeds; blank: task not merged)")
     return fig
