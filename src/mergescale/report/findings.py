@@ -200,7 +200,10 @@ def _headline(
     if v is None or r is None:
         return ""
     prefix = f"{what}: " if what else ""
-    return f"{prefix}{value_name} {v.text()} vs {reference_name} {r.text()} (mean ± typical std over seeds, {len(comparisons)} {over})"
+    return (
+        f"{prefix}{value_name} {v.text()} vs {reference_name} {r.text()} (mean of {len(comparisons)} comparisons, one "
+        f"per {over}; ± the typical std over seeds)"
+    )
 
 
 def _finding(
@@ -239,7 +242,7 @@ def _size_note(data: ReportData) -> str:
     for size in data.sizes:
         params = next((g.parameters for g in data.groups if (g.size or g.name) == size), None)
         parts.append(f"{size} ({human_count(params)} parameters)")
-    return "sizes here: " + ", ".join(parts) + "; the paper's are 1B–64B."
+    return "Sizes here: " + ", ".join(parts) + "; the paper's are 1B–64B."
 
 
 def merging_findings(data: ReportData, rules: Rules = Rules()) -> list[Finding]:
@@ -316,7 +319,7 @@ def _s1(data: ReportData, rules: Rules) -> Finding:
     why = f"needs a pre-trained and an instruction-tuned base of one size; base kinds here: {_kinds(data)}"
     return _finding(
         "S1", "merging", MERGING_CLAIMS["S1"], _SHORT["S1"], comps, rules, _RULES["S1"],
-        _headline(comps, "instruction-tuned", "pre-trained", "(size, method, k)", "held-in"), why,
+        _headline(comps, "instruction-tuned", "pre-trained", "size, method and k", "held-in"), why,
     )  # fmt: skip
 
 
@@ -343,8 +346,8 @@ def _s2(data: ReportData, rules: Rules) -> Finding:
                         comps.append(greater_over_seeds(f"{kind} {pair}, {label}, k={k}", va, vb, rules))
     return _finding(
         "S2", "merging", MERGING_CLAIMS["S2"], _SHORT["S2"], comps, rules, _RULES["S2"],
-        _headline(comps, "larger", "smaller", "(kind, size pair, method, k)", "held-in"),
-        f"needs two sizes of one base kind; {_size_note(data)}", _size_note(data),
+        _headline(comps, "larger", "smaller", "base kind, size pair, method and k", "held-in"),
+        f"needs two sizes of one base kind. {_size_note(data)}", _size_note(data),
     )  # fmt: skip
 
 
@@ -356,7 +359,7 @@ def _s3a(data: ReportData, rules: Rules) -> Finding:
             comps.append(greater_over_seeds(f"{_group_label(data, r.group)}, {r.label}, k={r.k}", v, Est(1.0), rules))
     return _finding(
         "S3a", "merging", MERGING_CLAIMS["S3a"], _SHORT["S3a"], comps, rules, _RULES["S3a"],
-        _headline(comps, "merged", "base", "(group, method, k)", "held-out ÷ base"),
+        _headline(comps, "merged", "base", "group, method and k", "held-out ÷ base"),
         "the study has no held-out task scored (or no base model to normalise by)",
     )  # fmt: skip
 
@@ -385,7 +388,7 @@ def _s3b(data: ReportData, rules: Rules) -> Finding:
     ) + f"; base kinds here: {_kinds(data)}, k: {data.ks}"
     return _finding(
         "S3b", "merging", MERGING_CLAIMS["S3b"], _SHORT["S3b"], comps, rules, _RULES["S3b"],
-        _headline(comps, "largest k", "smallest k", "(group, method)", "held-out"), why,
+        _headline(comps, "largest k", "smallest k", "group and method", "held-out"), why,
     )  # fmt: skip
 
 
@@ -407,10 +410,10 @@ def _s4a(data: ReportData, rules: Rules) -> Finding:
                 ds, dl = _drop(ps), _drop(pl)
                 if ds and dl:
                     comps.append(greater_over_seeds(f"{kind} {pair_label}, {label}, k={ps[0].k}→{ps[1].k}", ds, dl, rules))
-    why = f"needs two sizes of one base kind and two numbers of experts; {_size_note(data)} k: {data.ks}"
+    why = f"needs two sizes of one base kind and two numbers of experts (k here: {data.ks}). {_size_note(data)}"
     return _finding(
         "S4a", "merging", MERGING_CLAIMS["S4a"], _SHORT["S4a"], comps, rules, _RULES["S4a"],
-        _headline(comps, "smaller model", "larger", "(kind, size pair, method)", "held-in drop from smallest to largest k"), why,
+        _headline(comps, "smaller model", "larger", "base kind, size pair and method", "held-in drop from smallest to largest k"), why,
         _size_note(data),
     )  # fmt: skip
 
@@ -432,7 +435,7 @@ def _s4b(data: ReportData, rules: Rules) -> Finding:
     )
     return _finding(
         "S4b", "merging", MERGING_CLAIMS["S4b"], _SHORT["S4b"], comps, rules, _RULES["S4b"],
-        _headline(comps, "smallest k", "largest k", "methods", "held-in"), why,
+        _headline(comps, "smallest k", "largest k", "method", "held-in"), why,
     )  # fmt: skip
 
 
@@ -462,12 +465,10 @@ def _s5(data: ReportData, rules: Rules) -> Finding:
     why = (
         "needs an instruction-tuned base at the largest size" if not groups else "needs at least two methods"
     ) + f"; base kinds here: {_kinds(data)}"
-    extra = ""
-    if comps:
-        extra = f"Largest size here: {data.sizes[-1]}; {_size_note(data)}"
+    extra = f"{_size_note(data)} The largest, {data.sizes[-1]}, is the one judged." if comps else ""
     return _finding(
         "S5", "merging", MERGING_CLAIMS["S5"], _SHORT["S5"], comps, rules, _RULES["S5"],
-        _headline(comps, "best method", "worst", "(k, split)", "normalised score"), why, extra,
+        _headline(comps, "best method", "worst", "k and split", "normalised score"), why, extra,
     )  # fmt: skip
 
 
@@ -485,7 +486,7 @@ def _s6(data: ReportData, rules: Rules) -> Finding:
                 comps.append(greater_over_seeds(f"{_group_label(data, g.name)}, {label}, k={k}", v, m, rules))
     return _finding(
         "S6", "merging", MERGING_CLAIMS["S6"], _SHORT["S6"], comps, rules, _RULES["S6"],
-        _headline(comps, "merged", "multitask", "(group, method)", f"held-out at k={k}"),
+        _headline(comps, "merged", "multitask", "group and method", f"held-out at k={k}"),
         "needs a multitask model and held-out tasks in the largest size's groups", _size_note(data),
     )  # fmt: skip
 
@@ -529,7 +530,7 @@ def _loss_headline(
         return ""
     v = sum(c.value.mean for c in comps) / len(comps)
     ref = sum(c.reference.mean for c in comps) / len(comps)
-    return f"{what}: {value_name} {v:.4g} vs {reference_name} {ref:.4g} (mean over {len(comps)} {over})"
+    return f"{what}: {value_name} {v:.4g} vs {reference_name} {ref:.4g} (mean of {len(comps)} comparisons, one per {over})"
 
 
 def _p1(points: Sequence[PMAPoint], rules: Rules) -> Finding:
@@ -539,7 +540,7 @@ def _p1(points: Sequence[PMAPoint], rules: Rules) -> Finding:
         if p.kind == "along" and p.loss is not None and p.last_loss is not None
     ]
     return _pma_finding(
-        "P1", comps, rules, _loss_headline(comps, "average", "last checkpoint", "(series, end step)"),
+        "P1", comps, rules, _loss_headline(comps, "average", "last checkpoint", "averaging series and end step"),
         "the study holds no PMA point along a run (pma_points, kind 'along')",
     )
 
@@ -559,7 +560,7 @@ def _p2(points: Sequence[PMAPoint], rules: Rules) -> Finding:
     if gains and all(g <= 0 for g in gains):
         extra += " The anneal itself did not lower the loss here, so there is no gain to recover."
     return _pma_finding(
-        "P2", comps, rules, _loss_headline(comps, "average", "last checkpoint", "points with an annealed model"),
+        "P2", comps, rules, _loss_headline(comps, "average", "last checkpoint", "point with an annealed model"),
         "the study holds no PMA point with an annealed model's loss (pma_points.annealed_loss)", extra,
     )
 
@@ -596,7 +597,7 @@ def _p3(points: Sequence[PMAPoint], rules: Rules, *, late: bool) -> Finding:
             else:  # larger N hurts: the smaller window's loss is lower
                 comps.append(lower(label, small.loss, large.loss, rules.loss_tolerance))
     name = ("largest N", "smallest N") if late else ("smallest N", "largest N")
-    return _pma_finding(id, comps, rules, _loss_headline(comps, *name, "(strategy, interval)"), why)
+    return _pma_finding(id, comps, rules, _loss_headline(comps, *name, "run, strategy and interval"), why)
 
 
 def _earliest(points: Sequence[PMAPoint]) -> dict[str, list[PMAPoint]]:
@@ -630,7 +631,7 @@ def _p4a(points: Sequence[PMAPoint], rules: Rules) -> Finding:
                 a2, a1 = by_alpha[0.2], by_alpha[0.1]
                 comps.append(lower(f"{run}, N={n}{' V=' + interval if interval else ''}, step {a2.end_step}", a2.loss, a1.loss, rules.loss_tolerance))
     return _pma_finding(
-        "P4a", comps, rules, _loss_headline(comps, "EMA α=0.2", "α=0.1", "(run, N, interval)"),
+        "P4a", comps, rules, _loss_headline(comps, "EMA α=0.2", "α=0.1", "run, N and interval"),
         "the study holds no pair of EMA averages with α = 0.2 and α = 0.1 at one end step (pma_points)",
     )
 
@@ -652,7 +653,7 @@ def _p4b(points: Sequence[PMAPoint], rules: Rules) -> Finding:
                       wma[0].loss, best.loss, rules.loss_tolerance)
             )  # fmt: skip
     return _pma_finding(
-        "P4b", comps, rules, _loss_headline(comps, "WMA", "best other strategy", "(run, N, interval)"),
+        "P4b", comps, rules, _loss_headline(comps, "WMA", "best other strategy", "run, N and interval"),
         "the study holds no WMA average beside another strategy at one end step (pma_points)",
     )
 
@@ -675,7 +676,7 @@ def _p5(curves: Sequence[CurvePoint], results: dict, rules: Rules) -> Finding:
     extra = "; ".join(f"{run}: largest step-to-step jump {jp:.3g} (PMA-init) vs {jl:.3g} (last)" for run, jp, jl in jumps)
     headline = ""
     if comps:
-        headline = _loss_headline(comps, "PMA-init", "last checkpoint", "runs", "std of the gradient norm over steps")
+        headline = _loss_headline(comps, "PMA-init", "last checkpoint", "run", "std of the gradient norm over steps")
     return _pma_finding(
         "P5", comps, rules, headline,
         "the study holds no PMA-init curves with gradient norms (pma_curves, experiment 'pma_init', variants "
@@ -710,7 +711,7 @@ def _p6(curves: Sequence[CurvePoint], results: dict, rules: Rules) -> Finding:
         if unspiked is not None:
             notes.append(f"{run}: unspiked control {unspiked:.4f}")
     return _pma_finding(
-        "P6", comps, rules, _loss_headline(comps, "average", "rollback", "runs", "final loss"),
+        "P6", comps, rules, _loss_headline(comps, "average", "rollback", "run", "final loss"),
         "the study holds no spike-recovery arms 'average' and 'rollback' (pma_curves / pma_results, experiment "
         "'spike')", ("; ".join(notes) + ".") if notes else "",
     )  # fmt: skip
