@@ -21,7 +21,9 @@ _VERDICT_STYLE = {
 
 
 def report_command(
-    studies: Annotated[list[Path], typer.Argument(help="Study folders (several are reported together).")],
+    studies: Annotated[
+        list[Path], typer.Argument(metavar="STUDY_DIR", help="Study folders (several are reported together).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (written atomically).")],
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT even when it is a non-empty folder that is not a report.")
