@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 # Sub-command modules, in the order `--help` lists them.
-_COMMAND_MODULES = ("merge", "pma", "eval", "tasks", "world", "study", "demo")
+_COMMAND_MODULES = ("merge", "pma", "eval", "tasks", "world", "study", "report", "demo")
 
 for _name in _COMMAND_MODULES:
     try:

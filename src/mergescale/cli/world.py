@@ -57,31 +57,39 @@ def show(world: Annotated[Path, typer.Argument(help="A built world folder.")]) -
     _print_scores(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _print_scores(scores: dict) -> None:
+def _print_scores(scores: dict, out: Console | None = None) -> None:
+    """The evaluation matrix, two tables per base (held-in, then held-out) with short task names, and the
+    quality checks: every cell fits an 80-column terminal or log file whole (numbers never wrap or shrink)."""
     from mergescale.world.summary import SHORT, matrix, quality_checks, sizes
 
-    tasks = [*scores["held_in"], *scores["held_out"]]
+    out = out or console
+    held_in, held_out = scores["held_in"], scores["held_out"]
+    tasks = [*held_in, *held_out]
     for size in sizes(scores):
         for kind in ("pt", "it"):
-            table = Table(
-                title=f"{size} / {kind}: primary metric per task (* held-out)", title_justify="left"
-            )
-            table.add_column("model")
-            for t in tasks:
-                table.add_column(SHORT.get(t, t) + ("*" if t in scores["held_out"] else ""), justify="right")
-            for label, values in matrix(scores, size, kind):
-                cells = [
-                    f"[bold]{v:.2f}[/]" if t == label else f"{v:.2f}"
-                    for t, v in zip(tasks, values, strict=True)
-                ]
-                table.add_row(SHORT.get(label, label), *cells)
-            console.print(table)
+            rows = matrix(scores, size, kind)
+            for part, names in (("held-in", held_in), ("held-out", held_out)):
+                own = " (bold: the expert's own task)" if part == "held-in" else ""
+                table = Table(title=f"{size} / {kind}: {part} tasks, primary metric{own}", title_justify="left")
+                table.add_column("model", no_wrap=True)
+                for t in names:
+                    table.add_column(SHORT.get(t, t), justify="right", no_wrap=True)
+                for label, values in rows:
+                    by_task = dict(zip(tasks, values, strict=True))
+                    cells = [f"[bold]{by_task[t]:.2f}[/]" if t == label else f"{by_task[t]:.2f}" for t in names]
+                    table.add_row(SHORT.get(label, label), *cells)
+                out.print(table)
+    shortened = [f"{short} = {name}" for name, short in SHORT.items() if short != name and name in tasks]
+    if shortened:
+        out.print("columns: " + ", ".join(shortened), highlight=False)
     checks = Table(title="quality checks", title_justify="left")
-    for col in ("check", "value", "ok", "detail"):
-        checks.add_column(col)
+    checks.add_column("check", overflow="fold")
+    checks.add_column("value", justify="right", no_wrap=True)
+    checks.add_column("ok", no_wrap=True)
+    checks.add_column("detail", overflow="fold")
     for c in quality_checks(scores):
         checks.add_row(c.name, f"{c.value:+.4f}", "[green]yes[/]" if c.passed else "[red]no[/]", c.detail)
-    console.print(checks)
+    out.print(checks)
 
 
 class _StageProgress:
