@@ -63,6 +63,8 @@ class PMAResult:
     """One average: which checkpoints, with which weights, where it went and what it cost.
 
     ``stats`` is None for a dry run, and shared by every result of a sweep (one read produced them all).
+    Averages computed in memory (``mergescale.pma.along_run``, ``mergescale.pma.ablation``) carry their
+    tensors in ``state_dict`` and the newest checkpoint's ``config.json`` in ``config`` instead of ``out_dir``.
     """
 
     settings: PMASettings
@@ -71,6 +73,8 @@ class PMAResult:
     record: PMARecord
     out_dir: Path | None = None
     stats: StreamStats | None = None
+    state_dict: dict[str, torch.Tensor] | None = None
+    config: dict[str, Any] | None = None
 
     @property
     def steps(self) -> list[int | None]:
