@@ -27,7 +27,13 @@ from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError, NonFiniteError, OutputError, TensorMismatchError
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.discover import CheckpointRef, RunInfo, checkpoints_from_paths, discover_run
-from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, ModelFolderSink, check_output_folder
+from mergescale.io.writer import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    MemorySink,
+    ModelFolderSink,
+    check_output_folder,
+)
 from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
 from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
 from mergescale.pma.window import parse_interval, select_window
@@ -92,7 +98,7 @@ class PMAResult:
 @dataclass
 class _Planned:
     result: PMAResult
-    sink_dir: Path
+    sink_dir: Path | None  # None: kept in memory (result.state_dict)
 
 
 def load_run(
@@ -350,9 +356,12 @@ def _stream(
     index = {c.path: i for i, c in enumerate(refs)}
     sources = [open_checkpoint(c.path) for c in refs]
     labels = [c.label for c in refs]
-    sinks = []
+    sinks: list[ModelFolderSink | MemorySink] = []
     for p in planned:
         newest = p.result.checkpoints[-1]
+        if p.sink_dir is None:
+            sinks.append(MemorySink())
+            continue
         files = _files_folder(newest, info.root)
         has_files = any((files / f).is_file() for f in (*TOKENIZER_FILES, GENERATION_CONFIG))
         sinks.append(
@@ -390,9 +399,12 @@ def _stream(
             f"{message}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
             f"or see `mergescale pma recover`"
         ) from None
-    for p in planned:
+    for p, sink in zip(planned, sinks, strict=True):
         p.result.out_dir = p.sink_dir
         p.result.stats = stats
+        if isinstance(sink, MemorySink):
+            p.result.state_dict = sink.state_dict
+            p.result.config = sources[index[p.result.checkpoints[-1].path]].config
     return refs
 
 
