@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Subset
 
 from mergescale.errors import ConfigError, InputModelError
-from mergescale.pma.curves import ModelScorer
+from mergescale.pma.curves import ModelScorer, load_weights_into
 
 
 class ContinueSettings(BaseModel):
@@ -157,13 +157,7 @@ def _load_model(start: Start, device: str) -> torch.nn.Module:
     if "model_type" not in cfg:
         raise InputModelError("the start model's config has no model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).float()
-    result = model.load_state_dict(dict(state), strict=False)
-    tied = model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    )
-    missing = [n for n in result.missing_keys if not (tied and n.endswith("lm_head.weight"))]
-    if missing:
-        raise InputModelError(f"the start weights lack {missing[0]!r} ({len(missing)} missing)")
+    load_weights_into(model, state)
     return model.to(device)
 
 

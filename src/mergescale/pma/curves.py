@@ -121,12 +121,7 @@ class ModelScorer:
 
     def load(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Put ``state_dict``'s weights into the model (tied heads may be absent) and return it."""
-        result = self.model.load_state_dict(dict(state_dict), strict=False)
-        missing = [n for n in result.missing_keys if not _tied(self.model, n)]
-        if missing:
-            raise InputModelError(f"no weights for {missing[0]!r} ({len(missing)} missing)")
-        if result.unexpected_keys:
-            raise InputModelError(f"weights for {result.unexpected_keys[0]!r}, which the model does not have")
+        load_weights_into(self.model, state_dict)
         return self.model
 
     @torch.no_grad()
@@ -157,6 +152,35 @@ class ModelScorer:
         finally:
             source.close()
         return self.score(state)
+
+
+def load_weights_into(model: Any, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load a checkpoint's tensors (names as stored on disk) into ``model``.
+
+    Usually the names are the model's own. Where transformers stores weights differently from how it holds them
+    (5.x keeps Mixture-of-Experts weights stacked per layer but saves one tensor per expert), the tensors are
+    written to a temporary folder and loaded with ``from_pretrained``, which converts them.
+    """
+    state = dict(state_dict)
+    own = model.state_dict()
+    if set(state) - set(own):
+        state = _converted(model, state)
+    result = model.load_state_dict(state, strict=False)
+    missing = [n for n in result.missing_keys if not _tied(model, n)]
+    if missing:
+        raise InputModelError(f"no weights for {missing[0]!r} ({len(missing)} missing)")
+    if result.unexpected_keys:
+        raise InputModelError(f"weights for {result.unexpected_keys[0]!r}, which the model does not have")
+
+
+def _converted(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="mergescale-convert-") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        loaded = type(model).from_pretrained(tmp, dtype=torch.float32)
+        return {k: v.detach().clone() for k, v in loaded.state_dict().items()}
 
 
 def _tied(model: torch.nn.Module, name: str) -> bool:
