@@ -78,3 +78,10 @@ def test_ablation_points(hf_run, heldout):
     labels = [p.label for p in points]
     assert "sma-N4-V200-end400" not in labels and "sma-N4-V200-end600" not in labels  # do not fit
     assert len(points) == 6 + 6 and all(p.annealed_loss is None and p.recovered_share is None for p in points)
+
+
+def test_heldout_limit_scores_the_first_documents(hf_run, heldout):
+    folder = hf_run / "checkpoint-600"
+    scorer = ModelScorer(folder, word_tokenizer(), heldout=heldout, heldout_limit=1)
+    want = folder_loss(folder, TEXTS[:1], tokenizer_folder=folder)
+    assert scorer.score_folder(folder).loss == pytest.approx(want, rel=1e-6)
