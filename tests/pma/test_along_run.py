@@ -14,7 +14,7 @@ from mergescale.cli import app
 from mergescale.engine import sliding
 from mergescale.errors import ConfigError, NonFiniteError
 from mergescale.pma import along_run as along_run_module
-from mergescale.pma.along_run import along_run_averages, chains_for, iter_along_run, plan_along_run
+from mergescale.pma.along_run import along_run_averages, groups_for, iter_along_run, plan_along_run
 from mergescale.pma.average import PMASettings, average_checkpoints
 
 STEPS12 = tuple(range(100, 1300, 100))
@@ -26,8 +26,8 @@ SETTINGS = [
     PMASettings("sma", 3, interval=200),
     PMASettings("sma", 2, weights=(1.0, 3.0)),
 ]
-# The float64 running sums are rounded once to float32; the direct average rounds its float32 BLAS sum. Both
-# are within a few float32 ulps of the exact average, so they agree to 1e-6 of the weights' magnitude.
+# Each window is a float32 sum of its N terms, in BLAS's order here and in the single average's there: both are
+# within N·eps32 of the exact average, so they agree to 1e-6 of the weights' magnitude (not bit for bit).
 RTOL = 1e-6
 
 
@@ -38,9 +38,11 @@ def run12(run_factory):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 64 entries, split between workers from 128 entries on: every code path on tiny tensors."""
+    """Chunks of 64 entries, split between workers from 128 entries on, groups of 3 windows: every code path
+    on tiny tensors."""
     monkeypatch.setattr(sliding, "CPU_CHUNK", 64)
     monkeypatch.setattr(sliding, "_SPLIT_MIN", 128)
+    monkeypatch.setattr(sliding, "GROUP", 3)
 
 
 def direct(run, p, tmp_path):
@@ -80,14 +82,16 @@ def test_every_point_equals_pma_for_the_same_window(run12, tmp_path, small_chunk
         assert_close_to(p.state_dict, direct(run12, p, tmp_path))
 
 
-def test_interval_windows_form_interleaved_chains(run12):
-    plan = plan_along_run(run12, [PMASettings("sma", 3, interval=200)])
+def test_windows_are_grouped_by_setting_in_end_order(run12):
+    plan = plan_along_run(run12, [PMASettings("sma", 3, interval=200), PMASettings("ema", 2)])
     index = {c.path: i for i, c in enumerate(plan.info.checkpoints)}
-    chains = chains_for(plan.points, index)
-    # windows ending at odd and even hundreds slide separately: two chains, each one checkpoint in, one out
-    assert len(chains) == 2
-    assert [index[c.path] for c in plan.points[0].checkpoints] == chains[0].sequence[:3]
-    assert chains[0].starts == list(range(len(chains[0].starts)))
+    groups = groups_for(plan.points, index, size=4)
+    labels = [[plan.points[o].label for o in g.outputs] for g in groups]
+    assert labels[0] == ["ema0.2-N2-end200", "ema0.2-N2-end300", "ema0.2-N2-end400", "ema0.2-N2-end500"]
+    assert labels[1][:2] == ["sma-N3-V200-end500", "sma-N3-V200-end600"]
+    g = groups[1]  # windows (100, 300, 500), (200, 400, 600), ...: sources 0 ... 7, thinned
+    assert (g.lo, g.hi) == (0, 8)
+    assert g.weights[0] == pytest.approx([1 / 3, 0, 1 / 3, 0, 1 / 3, 0, 0, 0])
 
 
 def test_each_checkpoint_tensor_is_read_once(run12, tmp_path, monkeypatch):
@@ -136,7 +140,7 @@ def test_batches_give_the_same_averages(run12):
     for batch in iter_along_run(plan, progress=False, max_outputs=4):
         assert len(batch) <= 4
         for p in batch:
-            # running sums that start elsewhere round differently: equal to float32 rounding, not bit for bit
+            # a product over other rows may sum in another order: equal to float32 rounding, not bit for bit
             assert_close_to(p.state_dict, whole[p.label])
 
 

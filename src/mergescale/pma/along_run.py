@@ -5,8 +5,9 @@ The pre-training paper (Li et al. 2025, https://arxiv.org/abs/2505.12082) plots 
 ending at step t against t, beside the checkpoint at t and the annealed model. Each point is exactly what
 ``mergescale pma --end t`` averages (the same window rule, :func:`~mergescale.pma.window.select_window`, and
 weights); the points of one setting share their reads and their sums: consecutive windows differ by one
-checkpoint in and one out, so they are read off running sums (:mod:`mergescale.engine.sliding`, float64)
-instead of T × N weighted adds, and every checkpoint tensor is read once for all windows and strategies.
+checkpoint in and one out, so every checkpoint tensor is read and converted once for all windows and
+strategies, and the windows are computed from that chunk in cache, a group of them per matrix product
+(:mod:`mergescale.engine.sliding` says why a product rather than running sums).
 
 Outputs go to memory (:class:`~mergescale.io.writer.MemorySink`, for small models evaluated on the spot) or to
 model folders. Memory grows with the number of outputs computed together (each tensor of every window is
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from mergescale import __version__
+from mergescale.engine import sliding as _sliding
 from mergescale.engine.plan import OutputSpec, build_plan
-from mergescale.engine.sliding import Chain, SlidingPlan, run_sliding
+from mergescale.engine.sliding import SlidingPlan, WindowGroup, group_windows, run_sliding
 from mergescale.engine.stream import StreamStats
 from mergescale.errors import ConfigError, NonFiniteError, OutputError
 from mergescale.io.checkpoint import open_checkpoint
@@ -144,41 +146,13 @@ def plan_along_run(
     return AlongRunPlan(info, [p[2] for p in points], skipped, out_dtype)
 
 
-def chains_for(points: Sequence[PMAResult], index: dict[Path, int]) -> list[Chain]:
-    """Group points into chains of sliding windows (per setting, in end order): a point joins a chain whose
-    newest window it continues by one checkpoint (or repeats), else starts a new one. ``index`` maps a
-    checkpoint's path to its source index; outputs are positions in ``points``."""
-    chains: list[Chain] = []
-    open_chains: dict[tuple, list[tuple[Chain, list[int]]]] = {}
-    for o, p in enumerate(points):
-        window = [index[c.path] for c in p.checkpoints]
-        s = p.settings
-        kind = {"sma": "sma", "ema": "ema", "wma": "wma"}.get(p.record.strategy, "direct")
-        key = (kind, len(window), s.alpha if kind == "ema" else None, tuple(p.weights) if kind == "direct" else None)
-        for ch, last in open_chains.get(key, []):
-            if last == window:
-                ch.starts.append(ch.starts[-1])
-            elif last[1:] == window[:-1]:
-                ch.sequence.append(window[-1])
-                ch.starts.append(ch.starts[-1] + 1)
-            else:
-                continue
-            ch.outputs.append(o)
-            open_chains[key] = [(c, window if c is ch else w) for c, w in open_chains[key]]
-            break
-        else:
-            ch = Chain(
-                kind=kind,  # type: ignore[arg-type]
-                sequence=list(window),
-                width=len(window),
-                starts=[0],
-                outputs=[o],
-                alpha=s.alpha,
-                weights=list(p.weights) if kind == "direct" else None,
-            )
-            chains.append(ch)
-            open_chains.setdefault(key, []).append((ch, window))
-    return chains
+def groups_for(points: Sequence[PMAResult], index: dict[Path, int], size: int | None = None) -> list[WindowGroup]:
+    """The window groups of a batch: consecutive points (in end order) of one setting, at most ``size`` per
+    group (default ``mergescale.engine.sliding.GROUP``). ``index`` maps a checkpoint's path to its source
+    index; outputs are positions in ``points``."""
+    windows = [([index[c.path] for c in p.checkpoints], list(p.weights)) for p in points]
+    keys = [replace(p.settings, end=None) for p in points]
+    return group_windows(windows, keys, size or _sliding.GROUP)
 
 
 def iter_along_run(
@@ -269,7 +243,7 @@ def _run_batch(
         for p, sink in zip(batch, sinks, strict=True)
     ]
     check_same_tensors(sources, labels)
-    sliding = SlidingPlan(build_plan(sources, labels, outputs), chains_for(batch, index))
+    sliding = SlidingPlan(build_plan(sources, labels, outputs), groups_for(batch, index))
     try:
         stats = run_sliding(sliding, device=device, check_finite=True, progress=progress, workers=workers)
     except NonFiniteError as exc:
