@@ -44,7 +44,7 @@ from mergescale.engine.buffers import BufferPool
 from mergescale.engine.plan import MergePlan, TensorJob
 from mergescale.engine.stream import StreamStats, _check_finite, _Progress, tune_allocator
 from mergescale.errors import ConfigError, NonFiniteError
-from mergescale.io.checkpoint import SafetensorsCheckpoint
+from mergescale.io.checkpoint import SafetensorsCheckpoint, populate_map
 
 # Entries per chunk on the CPU: the float32 scratch of 30 sources × 32K entries (4 MB) stays in L2/L3 and the
 # product's output block in L2 (measured: 16K-64K best; smaller chunks pay each operation's dispatch more often
@@ -225,9 +225,15 @@ def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event)
     try:
         for job in plan.jobs:
             inputs: dict[int, torch.Tensor] = {}
-            for src in job.sources:
+            for src in job.sources:  # map all first: their reads from disk (WILLNEED) overlap...
                 source = plan.sources[src]
-                inputs[src] = source.map(job.name) if isinstance(source, SafetensorsCheckpoint) else source.read(job.name)
+                if isinstance(source, SafetensorsCheckpoint):
+                    inputs[src] = source.map(job.name, populate=False)
+                else:
+                    inputs[src] = source.read(job.name)
+            for src, t in inputs.items():  # ...then fill their page tables here, not in the computing threads
+                if isinstance(plan.sources[src], SafetensorsCheckpoint):
+                    populate_map(t)
             while not stop.is_set():
                 try:
                     read_q.put((job, inputs), timeout=0.1)
