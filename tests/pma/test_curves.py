@@ -11,7 +11,7 @@ from pma_helpers import word_tokenizer
 
 from mergescale.pma.ablation import ablation_settings
 from mergescale.pma.average import PMASettings, average_checkpoints
-from mergescale.pma.curves import ModelScorer, ablation, curve, recovered_share
+from mergescale.pma.curves import ModelScorer, ablation_points, curve_points, recovered_share
 from mergescale.pma.heldout import folder_loss
 
 TEXTS = ["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11", "w3 w3 w3 w2 w1 w0 w5"]
@@ -53,7 +53,7 @@ def test_loss_of_a_state_dict_is_the_folder_loss(hf_run, heldout, tmp_path):
 def test_curve_points_with_tasks_and_annealed(hf_run, heldout, mc_task, tmp_path):
     scorer = ModelScorer(hf_run / "checkpoint-600", hf_run / "checkpoint-600", heldout=heldout, tasks=mc_task)
     annealed = hf_run / "checkpoint-100"  # any model will do as the "annealed" reference here
-    points = curve(hf_run, [PMASettings("sma", 3), PMASettings("ema", 2)], scorer, annealed=annealed,
+    points = curve_points(hf_run, [PMASettings("sma", 3), PMASettings("ema", 2)], scorer, annealed=annealed,
                    max_outputs=3)  # fmt: skip
     assert [(p.strategy, p.end_step) for p in points] == [
         ("ema", 200), ("sma", 300), ("ema", 300), ("sma", 400), ("ema", 400), ("sma", 500), ("ema", 500),
@@ -74,7 +74,7 @@ def test_curve_points_with_tasks_and_annealed(hf_run, heldout, mc_task, tmp_path
 
 def test_ablation_points(hf_run, heldout):
     scorer = ModelScorer(hf_run / "checkpoint-600", word_tokenizer(), heldout=heldout)
-    points = ablation(hf_run, ablation_settings([2, 4], [None, 200], ["sma", "wma"]), [400, 600], scorer)
+    points = ablation_points(hf_run, ablation_settings([2, 4], [None, 200], ["sma", "wma"]), [400, 600], scorer)
     labels = [p.label for p in points]
     assert "sma-N4-V200-end400" not in labels and "sma-N4-V200-end600" not in labels  # do not fit
     assert len(points) == 6 + 6 and all(p.annealed_loss is None and p.recovered_share is None for p in points)

@@ -289,7 +289,7 @@ def evaluate_points(
     return points
 
 
-def curve(
+def curve_points(
     run_dir: str | Path,
     settings: PMASettings | Sequence[PMASettings],
     scorer: ModelScorer,
@@ -317,7 +317,7 @@ def curve(
     return points
 
 
-def ablation(
+def ablation_points(
     run_dir: str | Path,
     settings: Sequence[PMASettings],
     ends: Sequence[int],
@@ -327,7 +327,7 @@ def ablation(
     device: str = "cpu",
 ) -> list[CurvePoint]:
     """The N × V × strategy ablation at ``ends`` (see :func:`~mergescale.pma.ablation.iter_ablation`), each end
-    step's averages from one read, evaluated like :func:`curve`. Settings that do not fit at a step are left
+    step's averages from one read, evaluated like :func:`curve_points`. Settings that do not fit at a step are left
     out (as :class:`~mergescale.pma.ablation.AblationStep` lists them)."""
     from mergescale.pma.ablation import iter_ablation
 
