@@ -131,11 +131,14 @@ def run_sliding(
     progress: bool | Callable[[int, int], None] = True,
     workers: int | None = None,
     threads: int | None = 1,
+    prefetch_bytes: int = 256 << 20,
 ) -> StreamStats:
-    """Compute every output of every chain, tensor by tensor, and hand each to its sink.
+    """Compute every output of every window group, tensor by tensor, and hand each to its sink.
 
     Three threads overlap the work: a reader maps (or reads) the next tensor's inputs, the caller's thread
-    computes (its chunks split between ``workers`` threads), a writer hands finished tensors to the sinks.
+    computes (its chunks split between ``workers`` threads, default the CPU count, at most 4), a writer hands
+    finished tensors to the sinks. ``threads``: torch's intra-op threads while it runs (restored afterwards;
+    1 by default, as for :func:`~mergescale.engine.stream.run_plan`: the workers already split the work).
 
     Raises:
         NonFiniteError: NaN or Inf in a source (named, with the tensor), with ``check_finite``.
@@ -153,16 +156,19 @@ def run_sliding(
         out.sink.begin(plan.layout(out))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     executor = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-slide") if n_workers > 1 else None
-    read_q: queue.Queue = queue.Queue(maxsize=1)  # one tensor's inputs read ahead of the computation
-    write_q: queue.Queue = queue.Queue(maxsize=2)  # up to two tensors' outputs wait for the writer
+    read_q: queue.Queue = queue.Queue(maxsize=1)
+    # inputs mapped ahead of the computation, in bytes (one tensor's always): a curve maps every checkpoint of a
+    # tensor at once, and mapped pages count in the process's memory
+    budget = _InFlight(prefetch_bytes)
+    write_q: queue.Queue = queue.Queue(maxsize=1)  # one tensor's outputs wait for the writer
     stop = threading.Event()
     errors: list[BaseException] = []
-    reader = threading.Thread(target=_read_jobs, args=(sliding, read_q, stop), daemon=True)
+    reader = threading.Thread(target=_read_jobs, args=(sliding, read_q, stop, budget), daemon=True)
     writer = threading.Thread(target=_write_jobs, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
-    # outputs of the largest tensor, twice: one set being written while the next is computed
-    largest = max((math.prod(j.shape) for j in plan.jobs), default=0)
-    pool = BufferPool(max_idle_bytes=2 * largest * 4 * max((len(g.outputs) for g in sliding.groups), default=1))
+    # idle output blocks kept for reuse: the largest tensor's outputs, once
+    largest = max((math.prod(j.shape) * j.dtype.itemsize for j in plan.jobs), default=0)
+    pool = BufferPool(max_idle_bytes=largest * max((len(g.outputs) for g in sliding.groups), default=1))
     try:
         reader.start()
         writer.start()
@@ -176,6 +182,7 @@ def run_sliding(
                 job, inputs = item
                 results = _compute_job(sliding, job, inputs, device, executor, n_workers, check_finite, pool)
                 del inputs, item
+                budget.release(job.nbytes)
                 write_q.put([(plan.outputs[o].sink, job.name, t) for o, t in results])
                 del results
                 if errors:
@@ -192,6 +199,7 @@ def run_sliding(
             out.sink.commit()
     except BaseException:
         stop.set()
+        budget.close()
         _drain(read_q)
         _drain(write_q)
         if writer.is_alive():
@@ -202,6 +210,7 @@ def run_sliding(
         raise
     finally:
         stop.set()
+        budget.close()
         _drain(read_q)
         if executor is not None:
             executor.shutdown(wait=True)
@@ -220,10 +229,38 @@ def _drain(q: queue.Queue) -> None:
         pass
 
 
-def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event) -> None:
+class _InFlight:
+    """Bytes of inputs mapped but not yet computed: the reader waits while more than ``limit`` are, unless none
+    are (one tensor is always let through)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.closed = limit, 0, False
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.closed:
+                self.cond.wait()
+            self.used += n
+            return not self.closed
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event, budget: _InFlight) -> None:
     plan = sliding.plan
     try:
         for job in plan.jobs:
+            if not budget.acquire(job.nbytes):
+                return
             inputs: dict[int, torch.Tensor] = {}
             for src in job.sources:  # map all first: their reads from disk (WILLNEED) overlap...
                 source = plan.sources[src]
