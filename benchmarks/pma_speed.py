@@ -1,11 +1,13 @@
-"""PMA speed and memory: averaging 10 checkpoints of a ~268M-parameter bf16 Llama run (issue #5).
+"""PMA speed and memory: averaging 10 checkpoints of a ~268M-parameter bf16 Llama run (issues #5, #15).
 
 Every contender runs as a whole process (import, discover, plan, stream, write), timed with its peak RSS, on a
 warm page cache (the checkpoints are read once beforehand):
 
-- ``read10+write1``: the floor: read every tensor of the 10 checkpoints once and write one model;
+- ``read10+write1``: the floor: read every tensor of the 10 newest checkpoints once and write one model;
 - ``pma sma N=10`` / ``N=6`` / ``N=3``: ``mergescale pma RUN -o OUT --window N`` (RSS must not grow with N);
 - ``pma sweep 9``: ``--sweep strategy=sma,ema,wma window=3,6,10`` (9 models from one read);
+- ``along-run T=20``: ``--along-run --window 10 --ends 20``: the 20 windows of 10 ending at each of the newest
+  20 checkpoints (29 checkpoints read once, 20 models written), beside its floor ``read29+write20``;
 - ``naive loop``: ``safetensors.load_file`` every checkpoint, average in float32, ``save_file``;
 - ``mergekit linear``: ``mergekit-yaml`` over the same 10 (when installed; ``--no-mergekit`` to skip).
 
@@ -14,7 +16,10 @@ warm page cache (the checkpoints are read once beforehand):
     python benchmarks/pma_speed.py --cold        # checkpoints evicted from the page cache before every run
 
 Acceptance (issue #5): one SMA of 10 ≤ 2 × (read10+write1), peak RSS ≤ 1.5 GB and not growing with N.
-The checkpoints are generated once into ``.bench/pma/`` (git-ignored), each the previous one plus noise.
+Acceptance (issue #15): the along-run curve of T = 20 windows of N = 10 ≤ 3 × one SMA of 10 (whole process),
+and one SMA of 10 at ≥ 4 GB/s in-process (bytes read / time of the streaming, as ``mergescale pma`` prints it).
+The checkpoints (29 by default: T + N − 1) are generated once into ``.bench/pma/`` (git-ignored), each the
+previous one plus noise.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import time
@@ -68,32 +74,39 @@ def read_all(folders: list[Path]) -> float:
 # -- the in-process contenders, run as `python pma_speed.py --case NAME RUN OUT` ------------------------------
 
 
-def case_read_write(run: Path, out: Path) -> None:
-    """Read every tensor of every checkpoint once, and write one model (the newest's tensors) via our writer."""
+def newest(run: Path, n: int) -> list[Path]:
+    return sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-n:]
+
+
+def case_read_write(run: Path, out: Path, n: int = 10, writes: int = 1) -> None:
+    """Read every tensor of the ``n`` newest checkpoints once, and write ``writes`` models (the newest's tensors)
+    via our writer."""
     from mergescale.io.checkpoint import open_checkpoint
     from mergescale.io.writer import ModelFolderSink
 
-    folders = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    sources = [open_checkpoint(f) for f in folders]
+    sources = [open_checkpoint(f) for f in newest(run, n)]
     names = list(sources[-1].info())
     info = sources[-1].info()
-    sink = ModelFolderSink(out, config=sources[-1].config)
-    sink.begin([(n, info[n].shape, info[n].dtype) for n in names])
+    sinks = [ModelFolderSink(out / f"m{i}" if writes > 1 else out, config=sources[-1].config) for i in range(writes)]
+    for sink in sinks:
+        sink.begin([(n, info[n].shape, info[n].dtype) for n in names])
     for name in names:
         t = None
         for src in sources:
             t = src.read(name)
             t.view(-1)[0].item()  # touch it
-        sink.write(name, t)
-    sink.commit()
+        for sink in sinks:
+            sink.write(name, t)
+    for sink in sinks:
+        sink.commit()
 
 
-def case_naive(run: Path, out: Path) -> None:
+def case_naive(run: Path, out: Path, n: int = 10) -> None:
     """The hand-written loop: load every checkpoint at once, average in float32, save."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    folders = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    folders = newest(run, n)
     states = []
     for f in folders:
         sd: dict[str, torch.Tensor] = {}
@@ -119,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=["readwrite", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--checkpoints", type=int, default=10)
+    ap.add_argument("--checkpoints", type=int, default=10, help="N: checkpoints of one average")
+    ap.add_argument("--ends", type=int, default=20, help="T: windows of the along-run curve (0: skip it)")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-mergekit", action="store_true")
@@ -133,14 +147,19 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.case == "readwrite":
-        return case_read_write(*args.paths)
+        run, out, *rest = args.paths
+        return case_read_write(run, out, *(int(str(x)) for x in rest))
     if args.case == "naive":
-        return case_naive(*args.paths)
+        run, out, *rest = args.paths
+        return case_naive(run, out, *(int(str(x)) for x in rest))
 
     run = args.cache / f"run-{args.layers}l"
-    folders = build_run(run, args.checkpoints, args.layers)
+    n = args.checkpoints
+    total = n + args.ends - 1 if args.ends else n
+    every = build_run(run, total, args.layers)
+    folders = every[-n:]
     size = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
-    read_all(folders)  # warm the page cache
+    read_all(every)  # warm the page cache
     read_s = median([read_all(folders) for _ in range(args.repeats)])
     if args.cold:
         cold = []
@@ -149,17 +168,21 @@ def main() -> None:
             cold.append(read_all(folders))
         read_s = median(cold)
     me = [sys.executable, str(Path(__file__).resolve())]
-    n = args.checkpoints
     contenders: dict[str, list[str]] = {
-        "read10+write1": [*me, "--case", "readwrite", str(run), "{out}"],
+        "read10+write1": [*me, "--case", "readwrite", str(run), "{out}", str(n)],
         f"pma sma N={n}": ["mergescale", "pma", str(run), "-o", "{out}", "--window", str(n), "-q"],
         "pma sma N=3": ["mergescale", "pma", str(run), "-o", "{out}", "--window", "3", "-q"],
         "pma sma N=6": ["mergescale", "pma", str(run), "-o", "{out}", "--window", "6", "-q"],
         "pma sweep 9": ["mergescale", "pma", str(run), "-o", "{out}", "--sweep", "strategy=sma,ema,wma",
                         f"window=3,{min(6, n)},{n}", "-q"],
     }  # fmt: skip
+    if args.ends:
+        t = args.ends
+        contenders[f"read{total}+write{t}"] = [*me, "--case", "readwrite", str(run), "{out}", str(total), str(t)]
+        contenders[f"along-run T={t}"] = ["mergescale", "pma", str(run), "-o", "{out}", "--along-run", "--window",
+                                          str(n), "--ends", str(t), "-q"]  # fmt: skip
     if not args.no_naive:
-        contenders["naive loop"] = [*me, "--case", "naive", str(run), "{out}"]
+        contenders["naive loop"] = [*me, "--case", "naive", str(run), "{out}", str(n)]
     if not args.no_mergekit and importlib.util.find_spec("mergekit") is not None:
         cfg = mergekit_config(args.cache / "linear.yaml", folders)
         contenders["mergekit linear"] = ["mergekit-yaml", str(cfg), "{out}", "--quiet"]
@@ -170,7 +193,8 @@ def main() -> None:
             k: v for k, v in contenders.items() if k == "read10+write1" or any(x in k for x in keep)
         }
     print(f"machine: {machine()}")
-    print(f"run: {n} checkpoints x {size / n / 1e9:.2f} GB bf16 ({args.layers} layers), {size / 1e9:.2f} GB")
+    print(f"run: {total} checkpoints x {size / n / 1e9:.2f} GB bf16 ({args.layers} layers); one average reads "
+          f"{n}: {size / 1e9:.2f} GB")  # fmt: skip
     cache = "cold cache: evicted before every run" if args.cold else "warm cache"
     print(f"read all checkpoints once (in-process, {cache}): {read_s:.2f} s", flush=True)
     work = args.cache / "work"
@@ -185,9 +209,14 @@ def main() -> None:
             if r.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{r.output}")
             runs.append(r)
-        shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            if label.startswith(("along-run", "read")) and args.ends:
+                read_all(every)  # 10 GB of outputs evict inputs from the page cache: warm them again
         results[label] = {"seconds": median([r.seconds for r in runs]), "peak_rss_gb": max(r.peak_rss_gb for r in runs),
                           "all_seconds": [round(r.seconds, 3) for r in runs]}  # fmt: skip
+        rates = [float(m) for r in runs for m in re.findall(r"([0-9.]+) GB/s", r.output)]
+        if rates:
+            results[label]["in_process_gb_s"] = median(rates)
         print(
             f"  {label}: {results[label]['seconds']:.2f} s, {results[label]['peak_rss_gb']:.2f} GB",
             flush=True,
@@ -210,7 +239,15 @@ def main() -> None:
         )
     if sma is not None and "pma sweep 9" in results:
         print(f"sweep of 9 = {results['pma sweep 9']['seconds'] / sma['seconds']:.2f} x one SMA of {n}")
-    out = {"machine": machine(), "checkpoints": n, "bytes": size, "read_all_s": read_s, "cold": args.cold,
+    along = results.get(f"along-run T={args.ends}")
+    if sma is not None and along is not None:
+        ratio = along["seconds"] / sma["seconds"]
+        print(f"along-run T={args.ends} N={n} = {ratio:.2f} x one SMA of {n}, whole process (<= 3: "
+              f"{'ok' if ratio <= 3 else 'MISSED'})")  # fmt: skip
+    if sma is not None and "in_process_gb_s" in sma:
+        rate = sma["in_process_gb_s"]
+        print(f"SMA of {n} in-process: {rate:.2f} GB/s (>= 4: {'ok' if rate >= 4 else 'MISSED'})")
+    out = {"machine": machine(), "checkpoints": n, "ends": args.ends, "bytes": size, "read_all_s": read_s, "cold": args.cold,
            "results": results}  # fmt: skip
     (args.cache / ("results-cold.json" if args.cold else "results.json")).write_text(json.dumps(out, indent=2) + "\n")
 

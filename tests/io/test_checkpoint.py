@@ -212,3 +212,19 @@ def test_index_whose_shard_leaves_the_model_folder_is_refused(tmp_path, shard):
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
     with pytest.raises(InputModelError, match=r"tensor 'w': shard path .* leaves the model folder; refused"):
         open_checkpoint(model).info()
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_populated_maps_equal_read_tensors(tmp_path, populate):
+    from mergescale.io.checkpoint import populate_map
+
+    tensors = {"a": torch.randn(300, 100), "b": torch.randn(7).to(torch.bfloat16), "empty": torch.empty(0)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    ckpt = open_checkpoint(tmp_path)
+    for name, want in tensors.items():
+        got = ckpt.map(name, populate=populate)
+        populate_map(got)  # again, or for the first time: it only fills page tables
+        assert torch.equal(got, want) and torch.equal(got, ckpt.read(name)), name
+    ckpt.close()
+    assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -109,6 +109,17 @@ def average_command(
     sweep: list[str] = typer.Option(
         None, "--sweep", help="Sweep axis KEY=V1,V2,... (strategy, window, interval, end, alpha); repeatable."
     ),
+    along_run: bool = typer.Option(
+        False,
+        "--along-run",
+        help="The curve: the window ending at every checkpoint step where it is full (one read, running sums).",
+    ),
+    ends: int | None = typer.Option(
+        None, "--ends", min=1, help="With --along-run: only the newest T end steps."
+    ),
+    max_outputs: int | None = typer.Option(
+        None, "--max-outputs", min=1, help="With --along-run: averages computed together (memory grows with it)."
+    ),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the checkpoints' own)."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu, cuda, ..."),
     tokens_per_step: int | None = typer.Option(
@@ -147,6 +158,11 @@ def average_command(
         tokens_per_step=tokens_per_step, max_shard_size=max_shard_size, skip_incomplete=skip_incomplete,
     )  # fmt: skip
     target = out if out is not None else Path("pma-out")
+    if along_run:
+        _along_run(run_dir, target, sweep, weights, ends, max_outputs, common)
+        return
+    if ends is not None or max_outputs is not None:
+        raise ConfigError("--ends and --max-outputs go with --along-run")
     if sweep:
         if weights is not None:
             raise ConfigError("--weights cannot be swept; run it on its own")
@@ -190,6 +206,54 @@ def _report_skipped(result: Any) -> None:
             f"[yellow]skipped[/] {names} (no model weights); {result.label} averages steps {steps}",
             highlight=False,
         )
+
+
+def _along_run(
+    run_dir: Path | None,
+    target: Path,
+    sweep: list[str],
+    weights: str | None,
+    ends: int | None,
+    max_outputs: int | None,
+    common: dict[str, Any],
+) -> None:
+    from mergescale.errors import ConfigError
+    from mergescale.pma.along_run import along_run_averages, plan_along_run
+    from mergescale.pma.average import PMASettings, parse_sweep, sweep_settings
+    from mergescale.pma.weights import parse_weights
+
+    if common["end"] is not None:
+        raise ConfigError("--along-run sets the end steps itself; use --ends T for the newest T")
+    grid = parse_sweep(sweep) if sweep else {}
+    if "end" in grid:
+        raise ConfigError("--along-run sets the end steps itself; do not sweep end")
+    custom = tuple(parse_weights(weights)) if weights is not None else None
+    base = PMASettings(
+        strategy="custom" if custom is not None and common["strategy"] == "sma" else common["strategy"],
+        window=common["window"], interval=common["interval"], alpha=common["alpha"], weights=custom,
+    )  # fmt: skip
+    if base.window is None:
+        raise ConfigError("--along-run needs --window N")
+    settings = sweep_settings(base, grid) if grid else [base]
+    kwargs = dict(
+        ends=None, last=ends, checkpoints=common["checkpoints"], tokens_per_step=common["tokens_per_step"],
+        dtype=common["dtype"],
+    )  # fmt: skip
+    if common["dry_run"]:
+        plan = plan_along_run(run_dir, settings, **kwargs)  # type: ignore[arg-type]
+        console.print(_sweep_table(plan.points))
+        console.print(f"[yellow]dry run[/]: {len(plan.points)} averages, nothing written")
+        return
+    done = along_run_averages(
+        run_dir, target, settings, **kwargs, max_outputs=max_outputs, device=common["device"],  # type: ignore[arg-type]
+        progress=common["progress"], overwrite=common["overwrite"], max_shard_size=common["max_shard_size"],
+    )  # fmt: skip
+    stats = done[0].stats
+    assert stats is not None
+    console.print(
+        f"[green]wrote[/] {len(done)} averages along the run into {target} from "
+        f"{stats.bytes_read / 1e9:.2f} GB read in {stats.seconds:.1f} s"
+    )
 
 
 def _num(x: float) -> str:

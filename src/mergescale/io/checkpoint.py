@@ -280,13 +280,14 @@ class SafetensorsCheckpoint:
                 done += got
         return buf.view(meta.dtype).reshape(meta.shape)
 
-    def map(self, name: str) -> torch.Tensor:
+    def map(self, name: str, *, populate: bool = True) -> torch.Tensor:
         """One tensor as a private (copy-on-write) memory map of its bytes in the file: no copy is made, and
         reading it maps the page cache's pages. Measured here on 2.15 GB of bf16 tensors from a warm cache,
         read and converted to float32 once: 0.63 s against 0.95-1.42 s for :meth:`read` (whose copy and fresh
         buffer pages cost more system time than the conversion). The map lives as long as any tensor viewing
         it; writes (none are made) would touch private copies, never the file. The header checks of
-        :meth:`info` guarantee the bytes are inside the file."""
+        :meth:`info` guarantee the bytes are inside the file. With ``populate`` the page tables are filled
+        before returning (see :func:`populate_map`), waiting for the read on a cold cache."""
         meta = self.info()[name]
         offset, nbytes = self._offsets[name]
         if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # no private maps (Windows): a plain read
@@ -306,6 +307,8 @@ class SafetensorsCheckpoint:
         # ahead of computing, so a cold read overlaps with the arithmetic instead of faulting in page by page
         if hasattr(mmap, "MADV_WILLNEED"):
             mapped.madvise(mmap.MADV_WILLNEED)
+        if populate and _POPULATE:
+            _populate(mapped)
         t = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
         return t.view(meta.dtype).reshape(meta.shape)
 
@@ -313,6 +316,41 @@ class SafetensorsCheckpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+# MADV_POPULATE_READ (Linux 5.14+; Python's mmap module names it from 3.13): fill the map's page tables now, in the
+# thread that maps (the engine's reader), instead of one fault per 16 pages in the thread that computes. Measured
+# here on a 0.54 GB checkpoint from a warm cache: converting it costs 0.09-0.12 s of CPU after, 0.12-0.17 s
+# without; populating costs 0.02-0.03 s, off the computing threads. On a cold cache it waits for the read.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_POPULATE = os.environ.get("MERGESCALE_POPULATE", "1") != "0" and hasattr(mmap.mmap, "madvise")
+
+
+def _populate(mapped: mmap.mmap) -> None:
+    global _POPULATE
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except OSError:  # an older kernel (EINVAL): fault as before
+        _POPULATE = False
+
+
+def populate_map(t: torch.Tensor) -> None:
+    """Fill the page tables of a tensor returned by ``SafetensorsCheckpoint.map(..., populate=False)`` (for
+    callers that map many tensors first, so that their reads from disk overlap, then wait for them)."""
+    if not _POPULATE or t.numel() == 0:
+        return
+    import ctypes
+
+    global _LIBC_MADVISE
+    if _LIBC_MADVISE is None:
+        _LIBC_MADVISE = ctypes.CDLL(None, use_errno=True).madvise
+    addr = t.data_ptr()
+    start = addr - addr % mmap.PAGESIZE
+    _LIBC_MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(t.numel() * t.element_size() + addr - start),
+                  _MADV_POPULATE_READ)  # fmt: skip
+
+
+_LIBC_MADVISE = None
 
 
 class TorchBinCheckpoint:

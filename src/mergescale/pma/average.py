@@ -37,6 +37,7 @@ from mergescale.io.discover import (
 from mergescale.io.writer import (
     GENERATION_CONFIG,
     TOKENIZER_FILES,
+    MemorySink,
     ModelFolderSink,
     check_apart_from_inputs,
     check_output_folder,
@@ -76,6 +77,8 @@ class PMAResult:
     """One average: which checkpoints, with which weights, where it went and what it cost.
 
     ``stats`` is None for a dry run, and shared by every result of a sweep (one read produced them all).
+    Averages computed in memory (``mergescale.pma.along_run``, ``mergescale.pma.ablation``) carry their
+    tensors in ``state_dict`` and the newest checkpoint's ``config.json`` in ``config`` instead of ``out_dir``.
     """
 
     settings: PMASettings
@@ -85,6 +88,8 @@ class PMAResult:
     out_dir: Path | None = None
     stats: StreamStats | None = None
     skipped: list[Path] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] | None = None
+    config: dict[str, Any] | None = None
 
     @property
     def steps(self) -> list[int | None]:
@@ -102,7 +107,7 @@ class PMAResult:
 @dataclass
 class _Planned:
     result: PMAResult
-    sink_dir: Path
+    sink_dir: Path | None  # None: kept in memory (result.state_dict)
 
 
 def load_run(
@@ -420,9 +425,12 @@ def _stream(
     index = {c.path: i for i, c in enumerate(refs)}
     sources = [open_checkpoint(c.path) for c in refs]
     labels = [c.label for c in refs]
-    sinks = []
+    sinks: list[ModelFolderSink | MemorySink] = []
     for p in planned:
         newest = p.result.checkpoints[-1]
+        if p.sink_dir is None:
+            sinks.append(MemorySink())
+            continue
         files = _files_folder(newest, info.root)
         has_files = any((files / f).is_file() for f in (*TOKENIZER_FILES, GENERATION_CONFIG))
         sinks.append(
@@ -463,9 +471,12 @@ def _stream(
     finally:
         for source in sources:
             source.close()
-    for p in planned:
+    for p, sink in zip(planned, sinks, strict=True):
         p.result.out_dir = p.sink_dir
         p.result.stats = stats
+        if isinstance(sink, MemorySink):
+            p.result.state_dict = sink.state_dict
+            p.result.config = sources[index[p.result.checkpoints[-1].path]].config
     return refs
 
 

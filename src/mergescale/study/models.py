@@ -59,7 +59,10 @@ class GroupModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputModelError(f"{base_path}: cannot load the model to evaluate: {first}") from None
         self.model.to(settings.device).eval()
-        self.evaluator = Evaluator(self.model, self.tokenizer, batch_size=settings.batch_size)
+        # a broken merge (NaN weights) gets undefined scores, with a warning, rather than stopping the study
+        self.evaluator = Evaluator(
+            self.model, self.tokenizer, batch_size=settings.batch_size, on_nonfinite="undefined", name=base_path
+        )
         self._targets = _targets(self.model)
 
     @property
@@ -116,6 +119,7 @@ class GroupModel:
             results = evaluate(
                 self.model, [t if isinstance(t, str) else t.name for t in tasks], tokenizer=self.tokenizer,
                 limit=self.settings.limit, batch_size=self.settings.batch_size, backend="lm-eval", progress=False,
+                on_nonfinite="undefined",
             )  # fmt: skip
             items = [(name, r) for name, r in results.tasks.items()]
         else:

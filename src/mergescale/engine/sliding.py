@@ -1,0 +1,407 @@
+"""Windows of checkpoints along a run: every average of a curve from one read of each checkpoint.
+
+A curve is many averages Mⱼ = Σᵢ wⱼᵢ·xᵢ over one ordered set of sources x (checkpoints, oldest first), each
+over a window of N consecutive (or evenly thinned) ones. Averaged one by one, T windows would read and convert
+T × N checkpoint tensors. Here every source tensor is read once and converted once, chunk by chunk, into a
+float32 scratch X (sources × chunk) that stays in cache, and the windows are grouped so that a group's
+windows lie in one contiguous range of sources: the group's outputs are then one matrix product,
+O = A·X[lo:hi] with A the (windows × sources) weights, zero outside each window (Li et al. 2025,
+https://arxiv.org/abs/2505.12082, define the strategies; ``mergescale.pma.weights`` has the weights).
+
+Why a product and not running sums: consecutive SMA windows differ by one checkpoint in and one out, so a
+window could be read off running sums, P_{j+N} − P_j, in O(1) operations per window instead of N. We
+implemented that first (float64 running sums: a difference of two float32 sums would keep their rounding
+error, which grows with the length of the curve) and measured it on the 268M-parameter benchmark: 56 s of CPU
+for 20 windows of 10, twelve times one average, because each running-sum step is a separate operation over a
+chunk and the float64 rows do not stay in cache. A BLAS matrix product over the same chunk does the T × N
+multiply-adds from cache faster than the running sums did their one add per step (measured here: 20 windows
+of 10 over 29 rows, 0.38 ns per input entry against 1.07 ns for the float64 running sum alone). And each
+window is a direct float32 sum of its own N terms, as ``mergescale pma`` computes it: no cancellation, no error
+that grows along the curve, so no float64 or compensation is needed. It is not bit-identical to the single
+average (BLAS sums the terms in another order), but both are within N·ε₃₂·Σ|wᵢxᵢ| of the exact average:
+the tests hold them to 1e-6 of the weights' magnitude.
+
+Groups are at most ``GROUP`` consecutive windows of one weighting, so a group spans at most GROUP + N − 1
+sources and the zeros of A cost at most (GROUP + N − 1)/N times the necessary multiply-adds. All windows of a
+group are one (windows, *shape) allocation per tensor: memory grows with the number of windows computed
+together, so callers cut long curves into batches (``mergescale.pma.along_run`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from mergescale.device import check_device
+from mergescale.engine.buffers import BufferPool
+from mergescale.engine.plan import MergePlan, TensorJob
+from mergescale.engine.stream import StreamStats, _check_finite, _Progress, allocator_settings
+from mergescale.errors import ConfigError, NonFiniteError
+from mergescale.io.checkpoint import SafetensorsCheckpoint, populate_map
+
+# Entries per chunk on the CPU: the float32 scratch of 30 sources × 32K entries (4 MB) stays in L2/L3 and the
+# product's output block in L2 (measured: 16K-64K best; smaller chunks pay each operation's dispatch more often
+# than its arithmetic).
+CPU_CHUNK = 1 << 15
+DEVICE_CHUNK = 1 << 24
+_SPLIT_MIN = 1 << 18  # below this many entries one thread does the whole tensor
+GROUP = 24  # windows per matrix product at most
+
+
+@dataclass
+class WindowGroup:
+    """Outputs whose windows lie in sources ``lo`` … ``hi − 1`` (indices into the plan's sources, which are in
+    order): output ``outputs[k]`` is Σᵢ ``weights[k][i]``·x_{lo+i}.
+
+    Attributes:
+        lo, hi: the range of sources.
+        outputs: indices into the plan's outputs.
+        weights: per output, hi − lo weights (zero for sources outside its window).
+    """
+
+    lo: int
+    hi: int
+    outputs: list[int]
+    weights: list[list[float]]
+
+    def __post_init__(self) -> None:
+        if not self.outputs or len(self.weights) != len(self.outputs):
+            raise ConfigError("a window group needs one row of weights per output, and at least one output")
+        if not 0 <= self.lo < self.hi or any(len(w) != self.hi - self.lo for w in self.weights):
+            raise ConfigError(f"every row of weights must cover sources {self.lo} ... {self.hi - 1}")
+
+
+def group_windows(
+    windows: Sequence[tuple[Sequence[int], Sequence[float]]], keys: Sequence[object], size: int = GROUP
+) -> list[WindowGroup]:
+    """Groups of at most ``size`` consecutive windows with the same key (e.g. the weighting), in order.
+
+    ``windows[o]`` is output o's (sources, weights), sources ascending. A window joins the open group of its key
+    unless that group is full; a group spans its windows' sources.
+    """
+    open_: dict[object, list[int]] = {}
+    groups: list[list[int]] = []
+    for o, key in enumerate(keys):
+        g = open_.get(key)
+        if g is None or len(g) >= size:
+            g = []
+            groups.append(g)
+            open_[key] = g
+        g.append(o)
+    out = []
+    for g in groups:
+        lo = min(windows[o][0][0] for o in g)
+        hi = max(windows[o][0][-1] for o in g) + 1
+        rows = []
+        for o in g:
+            row = [0.0] * (hi - lo)
+            for src, w in zip(*windows[o], strict=True):
+                row[src - lo] += float(w)
+            rows.append(row)
+        out.append(WindowGroup(lo, hi, list(g), rows))
+    return out
+
+
+@dataclass
+class SlidingPlan:
+    """A plan's sources and outputs (as :func:`~mergescale.engine.plan.build_plan` checked them) and the window
+    groups that compute the outputs. Every output is in exactly one group."""
+
+    plan: MergePlan
+    groups: list[WindowGroup]
+
+    def __post_init__(self) -> None:
+        seen = [o for g in self.groups for o in g.outputs]
+        if sorted(seen) != list(range(len(self.plan.outputs))):
+            raise ConfigError("every output must be computed by exactly one window group")
+
+
+def run_sliding(
+    sliding: SlidingPlan,
+    *,
+    device: str | torch.device = "cpu",
+    check_finite: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
+    workers: int | None = None,
+    threads: int | None = 1,
+    prefetch_bytes: int = 256 << 20,
+) -> StreamStats:
+    """Compute every output of every window group, tensor by tensor, and hand each to its sink.
+
+    Three threads overlap the work: a reader maps (or reads) the next tensor's inputs, the caller's thread
+    computes (its chunks split between ``workers`` threads, default the CPU count, at most 4), a writer hands
+    finished tensors to the sinks. ``threads``: torch's intra-op threads while it runs (restored afterwards;
+    1 by default, as for :func:`~mergescale.engine.stream.run_plan`: the workers already split the work).
+
+    The plan's sources stay open (their opener closes them); the allocator settings and torch threads the run
+    changes are restored when it returns.
+
+    Raises:
+        NonFiniteError: NaN or Inf in a source (named, with the tensor), with ``check_finite``.
+        On any exception every sink is aborted.
+    """
+    with allocator_settings():
+        return _run_sliding(sliding, check_device(device), check_finite, progress, workers, threads, prefetch_bytes)
+
+
+def _run_sliding(
+    sliding: SlidingPlan,
+    device: torch.device,
+    check_finite: bool,
+    progress: bool | Callable[[int, int], None],
+    workers: int | None,
+    threads: int | None,
+    prefetch_bytes: int,
+) -> StreamStats:
+    plan = sliding.plan
+    saved_threads = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    stats = StreamStats(outputs=len(plan.outputs))
+    start = time.perf_counter()
+    for out in plan.outputs:
+        out.sink.begin(plan.layout(out))
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    executor = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-slide") if n_workers > 1 else None
+    read_q: queue.Queue = queue.Queue(maxsize=1)
+    # inputs mapped ahead of the computation, in bytes (one tensor's always): a curve maps every checkpoint of a
+    # tensor at once, and mapped pages count in the process's memory
+    budget = _InFlight(prefetch_bytes)
+    write_q: queue.Queue = queue.Queue(maxsize=1)  # one tensor's outputs wait for the writer
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reader = threading.Thread(target=_read_jobs, args=(sliding, read_q, stop, budget), daemon=True)
+    writer = threading.Thread(target=_write_jobs, args=(write_q, errors), daemon=True)
+    bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
+    # idle output blocks kept for reuse: the largest tensor's outputs, once
+    largest = max((math.prod(j.shape) * j.dtype.itemsize for j in plan.jobs), default=0)
+    pool = BufferPool(max_idle_bytes=largest * max((len(g.outputs) for g in sliding.groups), default=1))
+    try:
+        reader.start()
+        writer.start()
+        with bar:
+            while True:
+                item = read_q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                job, inputs = item
+                results = _compute_job(sliding, job, inputs, device, executor, n_workers, check_finite, pool)
+                del inputs, item
+                budget.release(job.nbytes)
+                write_q.put([(plan.outputs[o].sink, job.name, t) for o, t in results])
+                del results
+                if errors:
+                    raise errors[0]
+                stats.bytes_read += job.nbytes
+                stats.tensors += 1
+                bar.advance(job.nbytes)
+                bar.tensor_done()
+            write_q.put(None)
+            writer.join()
+        if errors:
+            raise errors[0]
+        for out in plan.outputs:
+            out.sink.commit()
+    except BaseException:
+        stop.set()
+        budget.close()
+        _drain(read_q)
+        _drain(write_q)
+        if writer.is_alive():
+            write_q.put(None)
+            writer.join(timeout=30)
+        for out in plan.outputs:
+            out.sink.abort()
+        raise
+    finally:
+        stop.set()
+        budget.close()
+        _drain(read_q)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        torch.set_num_threads(saved_threads)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+class _InFlight:
+    """Bytes of inputs mapped but not yet computed: the reader waits while more than ``limit`` are, unless none
+    are (one tensor is always let through)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.closed = limit, 0, False
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.closed:
+                self.cond.wait()
+            self.used += n
+            return not self.closed
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event, budget: _InFlight) -> None:
+    plan = sliding.plan
+    try:
+        for job in plan.jobs:
+            if not budget.acquire(job.nbytes):
+                return
+            inputs: dict[int, torch.Tensor] = {}
+            for src in job.sources:  # map all first: their reads from disk (WILLNEED) overlap...
+                source = plan.sources[src]
+                if isinstance(source, SafetensorsCheckpoint):
+                    inputs[src] = source.map(job.name, populate=False)
+                else:
+                    inputs[src] = source.read(job.name)
+            for src, t in inputs.items():  # ...then fill their page tables here, not in the computing threads
+                if isinstance(plan.sources[src], SafetensorsCheckpoint):
+                    populate_map(t)
+            while not stop.is_set():
+                try:
+                    read_q.put((job, inputs), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+            del inputs
+        read_q.put(None)
+    except BaseException as exc:  # the consumer re-raises it and aborts the sinks
+        read_q.put(exc)
+
+
+def _write_jobs(write_q: queue.Queue, errors: list[BaseException]) -> None:
+    while True:
+        items = write_q.get()
+        if items is None:
+            return
+        if not errors:
+            try:
+                for sink, name, tensor in items:
+                    sink.write(name, tensor)
+            except BaseException as exc:
+                errors.append(exc)
+        del items
+
+
+def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """An uninitialised tensor, on a reused buffer when it is large and on the CPU: a curve writes T outputs of
+    every tensor, and fresh pages for them would each be faulted in and zeroed by the kernel."""
+    buf = pool.take(shape[0] * shape[1] * dtype.itemsize) if device.type == "cpu" else None
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)
+
+
+def _compute_job(
+    sliding: SlidingPlan,
+    job: TensorJob,
+    inputs: dict[int, torch.Tensor],
+    device: torch.device,
+    executor: ThreadPoolExecutor | None,
+    workers: int,
+    check_finite: bool,
+    pool: BufferPool,
+) -> list[tuple[int, torch.Tensor]]:
+    """Every output's tensor for one tensor name, as (output index, tensor)."""
+    plan = sliding.plan
+    xs = {s: t.to(device, non_blocking=True) for s, t in inputs.items()}
+    if not job.dtype.is_floating_point:
+        # integer buffers: each output takes its reference's (the window's oldest checkpoint, as the engine does;
+        # the plan reads only the first output's reference for them)
+        first = next(iter(xs.values()))
+        return [(o, xs.get(plan.outputs[o].reference, first).clone()) for o in range(len(plan.outputs))]
+    results: list[tuple[int, torch.Tensor]] = []
+    targets: list[torch.Tensor] = []  # per group: (windows, n) in the group's output dtype
+    for g in sliding.groups:
+        dtypes = {plan.output_dtype(plan.outputs[o], job) for o in g.outputs}
+        if len(dtypes) != 1:
+            raise ConfigError("the outputs of one window group must share an output dtype")
+        target = _empty((len(g.outputs), math.prod(job.shape)), dtypes.pop(), device, pool)
+        targets.append(target)
+        results += [(o, target[k].view(job.shape)) for k, o in enumerate(g.outputs)]
+    used = sorted({s for g in sliding.groups for s in range(g.lo, g.hi)})
+    if any(s not in xs for s in used):
+        raise ConfigError(f"tensor {job.name!r}: a window group spans a source the plan does not read")
+    flat = [xs[s].reshape(-1) for s in used]  # (n,) each
+    row = {s: i for i, s in enumerate(used)}
+    weights = [torch.tensor(g.weights, dtype=torch.float32, device=device) for g in sliding.groups]  # (T_g, L_g)
+    spans = [(row[g.lo], row[g.lo] + g.hi - g.lo) for g in sliding.groups]
+    n = flat[0].numel()
+    chunk = CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
+
+    def run(lo: int, hi: int) -> float:
+        return _fold_range(flat, weights, spans, targets, lo, hi, chunk, device)
+
+    if executor is None or workers <= 1 or n < _SPLIT_MIN or device.type != "cpu":
+        total = run(0, n)
+    else:
+        per = -(-n // workers)
+        per = -(-per // chunk) * chunk
+        bounds = [(s, min(n, s + per)) for s in range(0, n, per)]
+        futures = [executor.submit(run, s, e) for s, e in bounds[1:]]
+        total = run(*bounds[0])
+        for f in futures:
+            total += f.result()
+    if check_finite and not math.isfinite(total):
+        for s in used:  # a window is non-finite iff one of the group's inputs is (0·NaN is NaN too)
+            _check_finite(plan.labels[s], job.name, xs[s].to(torch.float32))
+        raise NonFiniteError(f"tensor {job.name!r} overflows when averaged")
+    return results
+
+
+def _fold_range(
+    flat: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    spans: list[tuple[int, int]],
+    targets: list[torch.Tensor],
+    lo: int,
+    hi: int,
+    chunk: int,
+    device: torch.device,
+) -> float:
+    """Every group's windows over entries [lo, hi), chunk by chunk; the sum of every float32 result (non-finite
+    iff an entry is: a cheap finite check)."""
+    width = max(1, min(chunk, hi - lo))
+    x = torch.empty((len(flat), width), dtype=torch.float32, device=device)  # (m, C): the sources, converted
+    most = max(w.shape[0] for w in weights)
+    d = torch.empty((most, width), dtype=torch.float32, device=device)  # (T, C): a group's windows
+    total = 0.0
+    for s in range(lo, hi, width):
+        e = min(hi, s + width)
+        c = e - s
+        xs = x[:, :c]
+        for i, t in enumerate(flat):
+            xs[i].copy_(t[s:e])  # converts while copying, into cache
+        for w, (a, b), target in zip(weights, spans, targets, strict=True):
+            out = d[: w.shape[0], :c]
+            torch.mm(w, xs[a:b], out=out)  # (T_g, C) = (T_g, L_g) @ (L_g, C)
+            total += float(out.sum())
+            target[:, s:e].copy_(out)  # casts to the output dtype
+    return total
