@@ -218,8 +218,8 @@ def write_store(folder: Path, results: StudyResults) -> Path:
                   p.annealed_loss, p.recovered, json.dumps(p.scores), None) for p in results.pma_points],
             )  # fmt: skip
             c.executemany(
-                "INSERT INTO pma_curves VALUES (?, ?, ?, ?, ?, ?)",
-                [(p.run, p.experiment, p.variant, p.step, p.loss, p.grad_norm) for p in results.pma_curves],
+                "INSERT INTO pma_curves VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(p.run, p.experiment, p.variant, p.step, p.loss, p.grad_norm, None) for p in results.pma_curves],
             )
             c.executemany(
                 "INSERT INTO pma_results VALUES (?, ?, ?, ?, ?, ?)",

@@ -351,5 +351,64 @@ def recover_command(
         )
 
 
+@pma_app.command("study")
+def study_command(
+    run_dir: Path = typer.Argument(..., help="The run folder (checkpoint-<step>/ or step folders)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder (created; rerun to resume)."),
+    annealed: Path | None = typer.Option(None, "--annealed", help="The annealed model (share of its gain)."),
+    heldout: Path | None = typer.Option(
+        None, "--heldout", help="Held-out text: a perplexity task YAML, or .txt / .jsonl documents."
+    ),
+    tasks: Path | None = typer.Option(None, "--tasks", help="Tasks scored along the run (suite or task YAML)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Training text (one document a line) for PMA-init and spike recovery."
+    ),
+    window: int = typer.Option(10, "--window", "-n", min=1, help="N checkpoints per average along the run."),
+    interval: str | None = typer.Option(None, "--interval", help="V between averaged checkpoints: steps or 2B."),
+    strategies: str = typer.Option("sma,ema,wma", "--strategies", help="Averages along the run: sma, ema, wma."),
+    ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="N x V x strategy at 3 end steps."),
+    pma_init: bool = typer.Option(True, "--pma-init/--no-pma-init", help="Continued training from the average."),
+    spike: bool = typer.Option(True, "--spike/--no-spike", help="A deliberate spike, recovered two ways."),
+    heldout_limit: int | None = typer.Option(None, "--heldout-limit", min=1, help="Held-out documents scored."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes running experiments side by side."),
+    device: str = typer.Option("cpu", "--device", help="Where models run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """The pre-training paper's experiments on one run (a study with a `pma:` section): PMA curves along the
+    run, the window ablation, PMA-init and spike recovery; results in OUT/study.sqlite, shown at the end.
+    PMA-init and spike recovery need --data."""
+    from mergescale.cli.study import run as study_run_command
+    from mergescale.study.spec import parse_spec
+
+    wanted = [s.strip() for s in strategies.split(",") if s.strip()]
+    spec = parse_spec(
+        {
+            "name": f"pma-{run_dir.resolve().name}",
+            "eval": {"device": device},
+            "pma": {
+                "runs": [
+                    {
+                        "name": run_dir.resolve().name,
+                        "run": str(run_dir.resolve()),
+                        **{k: str(v.resolve()) for k, v in
+                           {"annealed": annealed, "heldout": heldout, "tasks": tasks, "data": data}.items() if v},
+                    }
+                ],
+                "strategies": [{"strategy": s} for s in wanted],
+                "window": window,
+                "interval": interval,
+                "ablation": {} if ablation else None,
+                "pma_init": {} if pma_init and data else None,
+                "spike": {} if spike and data else None,
+                "heldout_limit": heldout_limit,
+            },
+        },
+        "mergescale pma study",
+    )  # fmt: skip
+    if (pma_init or spike) and data is None:
+        console.print("[yellow]note:[/] PMA-init and spike recovery need --data (training text); skipped")
+    study_run_command(spec, out, workers=workers, quiet=quiet)  # type: ignore[arg-type]
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(pma_app, name="pma")

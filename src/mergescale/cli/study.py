@@ -94,9 +94,11 @@ def print_tables(study_dir: Path) -> None:
     from mergescale.study.results import load_study
 
     results = load_study(study_dir)
+    _print_pma(results)
     rows = results.summary()
     if not rows:
-        console.print("no merge has been evaluated yet")
+        if not (results.pma_points or results.pma_curves):
+            console.print("no merge has been evaluated yet")
         return
     ks = sorted({r.k for r in rows})
     for group in results.groups:
@@ -127,6 +129,68 @@ def print_tables(study_dir: Path) -> None:
         f"{sum(c.kind != 'merge' for c in results.cells)} models. Mean ± sample std over seeds of the mean over "
         "categories; multitask: the multitask model on the same tasks."
     )
+
+
+def _print_pma(results: Any) -> None:
+    """The pre-training paper's numbers per run: the curves' last point, how often the average beats the
+    checkpoint, PMA-init and spike recovery."""
+    along = [p for p in results.pma_points if p.kind == "along"]
+    runs = list(dict.fromkeys([p.run for p in along] + [k[0] for k in results.pma_results]))
+    for run in runs:
+        mine = [p for p in along if p.run == run]
+        if mine:
+            table = Table(
+                title=f"PMA along run {run}: held-out loss at the last step; 'beats last': points where the "
+                "average's loss is below the checkpoint's; 'gain': share of the anneal's gain recovered",
+                title_justify="left",
+            )
+            for col, justify in (("average", "left"), ("beats last", "right"), ("step", "right"),
+                                 ("avg", "right"), ("last", "right"), ("anneal", "right"),
+                                 ("gain", "right")):  # fmt: skip
+                table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+            for label in dict.fromkeys(_pma_label(p) for p in mine):
+                pts = sorted((p for p in mine if _pma_label(p) == label), key=lambda p: p.end_step)
+                beats = [p.loss < p.last_loss for p in pts if p.loss is not None and p.last_loss is not None]
+                end = pts[-1]
+                table.add_row(
+                    label, f"{sum(beats)}/{len(beats)}", str(end.end_step), _num3(end.loss), _num3(end.last_loss),
+                    _num3(end.annealed_loss), "–" if end.recovered is None else f"{end.recovered:.0%}",
+                )  # fmt: skip
+            console.print(table)
+        res = {k[1:]: v for k, v in results.pma_results.items() if k[0] == run}
+        if any(k[0] == "pma_init" for k in res):
+            console.print(
+                f"PMA-init on {run}: held-out loss {_num4(res.get(('pma_init', 'pma', 'heldout_loss')))} from the "
+                f"average vs {_num4(res.get(('pma_init', 'last', 'heldout_loss')))} from the last checkpoint; "
+                f"gradient-norm std {_num4(res.get(('pma_init', 'pma', 'grad_norm_std')))} vs "
+                f"{_num4(res.get(('pma_init', 'last', 'grad_norm_std')))}"
+            )
+        if any(k[0] == "spike" for k in res):
+            detected = res.get(("spike", "spiked", "detected_step"))
+            console.print(
+                f"spike on {run}: injected at step {_int(res.get(('spike', 'spiked', 'injected_step')))}, detected "
+                f"at {_int(detected)}; held-out loss resumed from the average "
+                f"{_num4(res.get(('spike', 'average', 'heldout_loss')))}, from the rollback "
+                f"{_num4(res.get(('spike', 'rollback', 'heldout_loss')))}, unspiked "
+                f"{_num4(res.get(('spike', 'unspiked', 'heldout_loss')))}"
+            )
+
+
+def _pma_label(p: Any) -> str:
+    name = p.strategy + (f"{p.alpha:g}" if p.alpha is not None else "")
+    return f"{name} N={p.n}" + (f" V={p.interval}" if p.interval else "")
+
+
+def _num3(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _num4(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _int(v: float | None) -> str:
+    return "–" if v is None else str(int(v))
 
 
 def _size(group: Any) -> str:

@@ -33,6 +33,7 @@ from mergescale.methods import get_method
 from mergescale.study.diagnostics import Diagnostic, TaskVectorStats
 from mergescale.study.grid import BaselineCell, MergeCell, StudyGroup
 from mergescale.study.models import GroupModel, TaskScore
+from mergescale.study.pma_jobs import PMAJob, PMAJobResult, run_pma_job
 from mergescale.study.spec import EvalSpec
 
 Scalar = bool | int | float
@@ -127,12 +128,17 @@ class StudyWorker:
             self._model = (group.base.path, GroupModel(group.base.path, self.context.eval))
         return self._model[1]
 
-    def run(self, job: BaselineJob | DrawJob) -> JobResult:
+    def run(self, job: BaselineJob | DrawJob | PMAJob) -> JobResult | PMAJobResult:
         start = time.perf_counter()
         reset_peak_rss()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = self._baselines(job) if isinstance(job, BaselineJob) else self._draw(job)
+            if isinstance(job, PMAJob):
+                result: JobResult | PMAJobResult = run_pma_job(job, self.context.eval.batch_size)
+            elif isinstance(job, BaselineJob):
+                result = self._baselines(job)
+            else:
+                result = self._draw(job)
         result.seconds = time.perf_counter() - start
         result.peak_rss = peak_rss()
         result.warnings = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})

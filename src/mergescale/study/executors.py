@@ -28,7 +28,7 @@ def make_worker(context: StudyContext, *, emit: Callable[[Any], None]) -> StudyW
     return StudyWorker(context, emit=emit)
 
 
-def execute(worker: StudyWorker, payload: Any) -> JobResult:
+def execute(worker: StudyWorker, payload: Any) -> Any:
     return worker.run(payload)
 
 
@@ -86,7 +86,7 @@ class _torch_threads:
             torch.set_num_threads(self.saved)
 
 
-def _ray_task(context: StudyContext, payload: Any, threads: int | None) -> JobResult:
+def _ray_task(context: StudyContext, payload: Any, threads: int | None) -> Any:
     if threads is not None:
         import torch
 

@@ -325,6 +325,10 @@ class StudyResults:
         return out
 
 
+# PMA rows of the current spec's jobs (rows written without a job, e.g. by hand, count too)
+_CURRENT_PMA = "key IS NULL OR key IN (SELECT key FROM pma_jobs WHERE current = 1)"
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -394,15 +398,28 @@ def load_study(study_dir: str | Path) -> StudyResults:
                 r["run"], r["kind"], r["strategy"], r["alpha"], r["n"], r["interval"], r["end_step"], r["loss"],
                 r["last_loss"], r["annealed_loss"], r["recovered"], _json(r["scores"], {}),
             )  # fmt: skip
-            for r in store.query("SELECT * FROM pma_points ORDER BY run, kind, strategy, alpha, n, interval, end_step")
+            for r in (
+                store.query(
+                    f"SELECT * FROM pma_points WHERE {_CURRENT_PMA} ORDER BY run, kind, strategy, alpha, n, interval, "
+                    "end_step"
+                )
+                if store.has_table("pma_jobs")
+                else []
+            )
         ]
         curves = [
             CurvePoint(r["run"], r["experiment"], r["variant"], r["step"], r["loss"], r["grad_norm"])
-            for r in store.query("SELECT * FROM pma_curves ORDER BY run, experiment, variant, step")
+            for r in (
+                store.query(f"SELECT * FROM pma_curves WHERE {_CURRENT_PMA} ORDER BY run, experiment, variant, step")
+                if store.has_table("pma_jobs")
+                else []
+            )
         ]
         pma_results = {
             (r["run"], r["experiment"], r["variant"], r["metric"]): r["value"]
-            for r in store.query("SELECT * FROM pma_results")
+            for r in (
+                store.query(f"SELECT * FROM pma_results WHERE {_CURRENT_PMA}") if store.has_table("pma_jobs") else []
+            )
         }
     return StudyResults(
         Path(study_dir), name, spec, groups, tasks, cells, scores, draws, diagnostics, points, curves, pma_results

@@ -26,8 +26,9 @@ from mergescale.device import check_device
 from mergescale.errors import ConfigError
 from mergescale.stages.keys import stage_key
 from mergescale.stages.scheduler import Job
-from mergescale.study.draws import BaselineJob, DrawJob, JobResult, StudyContext, default_memory_budget
+from mergescale.study.draws import BaselineJob, DrawJob, StudyContext, default_memory_budget
 from mergescale.study.grid import BaselineCell, MergeCell, StudyPlan, expand, versions
+from mergescale.study.pma_jobs import PMAJob, PMAJobResult, pma_jobs, resolve_runs
 from mergescale.study.spec import StudySpec, load_spec, parse_spec
 from mergescale.study.store import StudyStore, dumps, normalised
 
@@ -102,16 +103,26 @@ def run_study(
         check_device(parsed.eval.device)
     except ConfigError as exc:
         raise ConfigError(f"eval.device: {exc}") from None
-    plan = expand(parsed, base_dir)
+    plan = expand(parsed, base_dir) if parsed.has_merging else empty_plan(parsed, base_dir)
     check_groups(plan)
+    runs = resolve_runs(parsed, base_dir) if parsed.pma is not None else []
     study_dir = Path(study_dir)
     store = StudyStore.create_or_open(study_dir, parsed.name, parsed.model_dump_json(), force_new=force_new)
     try:
+        scratch = str(_scratch(study_dir))
+        pma = pma_jobs(parsed, runs, scratch) if parsed.pma is not None else []
         store.write_setup(_group_rows(plan), _task_rows(plan), plan.spec_key)
-        all_keys = [c.key for c in plan.baselines] + [c.key for c in plan.cells]
+        all_keys = [c.key for c in plan.baselines] + [c.key for c in plan.cells] + [j.key for j in pma]
         cached, stale = store.mark_current(all_keys)
         done = store.done_keys()
         jobs, twins = _jobs(plan, done)
+        # the PMA experiments after the merging grid's baselines, before its draws: they are few and long
+        # (the curves first: they are the longest jobs, and a pool finishes sooner when they start early)
+        jobs += [
+            Job(f"pma/{j.run.name}/{j.experiment}", (), 1.6 if j.experiment == "curve" else 1.5, j)
+            for j in pma
+            if j.key not in done
+        ]
         budget = max_memory or default_memory_budget()
         context = StudyContext(
             tasks_source=plan.tasks_source,
@@ -119,7 +130,7 @@ def run_study(
             held_out=tuple(plan.held_out),
             diagnostics=parsed.diagnostics,
             memory_budget=budget // (workers if not ray_address else 1),
-            scratch=str(_scratch(study_dir)),
+            scratch=scratch,
         )
         recorder = _Recorder(plan, store, report, twins)
         summary = RunSummary(
@@ -132,8 +143,8 @@ def run_study(
                     "jobs": len(jobs),
                     "cells": len(all_keys),
                     "cached": cached,
-                    "to_run": sum(len(j.payload.cells) for j in jobs)
-                    + sum(len(twins.get(c.key, [])) for j in jobs for c in j.payload.cells),
+                    "to_run": sum(_cells_of(j.payload) for j in jobs)
+                    + sum(len(twins.get(c.key, [])) for j in jobs for c in getattr(j.payload, "cells", ())),
                     "draws": sum(isinstance(j.payload, DrawJob) for j in jobs),
                 },
             )
@@ -157,6 +168,16 @@ def run_study(
         store.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def empty_plan(spec: StudySpec, spec_dir: Path) -> StudyPlan:
+    """The plan of a study without a merging grid (its PMA experiments alone)."""
+    return StudyPlan(spec, spec_dir, stage_key("study-spec", spec), "", "", {}, [], [])
+
+
+def _cells_of(payload: Any) -> int:
+    """How many of the store's units a job completes: its cells, or one PMA job."""
+    return len(payload.cells) if hasattr(payload, "cells") else 1
 
 
 def check_groups(plan: StudyPlan) -> None:
@@ -296,8 +317,11 @@ class _Recorder:
             payload = replace(payload, expert_validation={k: v for k, v in expert_validation.items() if v is not None})
         return payload
 
-    def record(self, job: Job, result: JobResult) -> None:
+    def record(self, job: Job, result: Any) -> None:
         payload = job.payload
+        if isinstance(payload, PMAJob):
+            self._record_pma(job, payload, result)
+            return
         group = payload.group.name
         if isinstance(payload, BaselineJob):
             experts, base = {}, {}
@@ -391,6 +415,21 @@ class _Recorder:
         if self.report:
             self.report("done", {"job": job.name, "cells": n_cells, "label": _describe(payload)})
 
+    def _record_pma(self, job: Job, payload: PMAJob, result: PMAJobResult) -> None:
+        row = {
+            "key": payload.key,
+            "run": payload.run.name,
+            "experiment": payload.experiment,
+            "seconds": round(result.seconds, 3),
+            "peak_rss": result.peak_rss,
+            "versions": self.versions,
+        }
+        self.store.write_pma(row, result.points, result.curves, result.results)
+        self.cells += 1
+        self.warnings.update(result.warnings)
+        if self.report:
+            self.report("done", {"job": job.name, "cells": 1, "label": _describe(payload)})
+
     def _refs(self, group: str) -> tuple[dict, dict]:
         if group not in self._references:
             self._references[group] = self.store.references(group)
@@ -398,6 +437,8 @@ class _Recorder:
 
 
 def _describe(payload: Any) -> str:
+    if isinstance(payload, PMAJob):
+        return f"pma {payload.run.name} {payload.experiment}"
     if isinstance(payload, DrawJob):
         return f"{payload.group.name} k={payload.k} seed={payload.seed} ({len(payload.cells)} merges)"
     cell = payload.cells[0]

@@ -96,6 +96,94 @@ class MethodSpec(BaseModel):
         return {k: list(v) for k, v in self.params.items() if isinstance(v, list)}
 
 
+class StrategySpec(_Strict):
+    """An averaging strategy of the pre-training paper: SMA, EMA (with its α) or WMA."""
+
+    strategy: Literal["sma", "ema", "wma"]
+    alpha: float | None = Field(None, gt=0, lt=1)  # EMA's; default 0.2, the paper's better value
+
+    @model_validator(mode="after")
+    def _alpha(self) -> StrategySpec:
+        if self.alpha is not None and self.strategy != "ema":
+            raise ValueError("alpha is EMA's parameter")
+        return self
+
+
+class PMARunSpec(_Strict):
+    """A pre-training run whose checkpoints the experiments average (with ``world:``, one per size is made)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    run: str  # the run folder: checkpoint-<step>/ (or step folders, or DCP checkpoints)
+    annealed: str | None = None  # the annealed model, to measure the share of the anneal's gain recovered
+    heldout: str | None = None  # held-out text: a perplexity task YAML, or a .txt / .jsonl of documents
+    tasks: str | None = None  # tasks to score along the run (a suite / task YAML / folder); none by default
+    data: str | None = None  # training text for PMA-init and spike recovery (.txt: one document a line)
+    block_size: int = Field(64, ge=8)  # tokens per training sequence packed from ``data``
+
+
+class AblationSpec(_Strict):
+    """The window × interval × strategy grid at chosen end steps (each end step: one read of its checkpoints)."""
+
+    windows: list[int] = Field(default_factory=lambda: [3, 6, 10], min_length=1)
+    intervals: list[int | str | None] = Field(default_factory=lambda: [None], min_length=1)
+    strategies: list[StrategySpec] = Field(
+        default_factory=lambda: [StrategySpec(strategy="sma"), StrategySpec(strategy="ema", alpha=0.2),
+                                 StrategySpec(strategy="wma")],
+        min_length=1,
+    )  # fmt: skip
+    # end steps: checkpoint steps, or the fractions "early" (30 %), "middle" (60 %), "late" (the last checkpoint)
+    ends: list[int | Literal["early", "middle", "late"]] = Field(
+        default_factory=lambda: ["early", "middle", "late"], min_length=1
+    )
+
+
+class PMAInitSpec(_Strict):
+    """Continued training from the average vs from the last checkpoint (None fields: the world's anneal)."""
+
+    steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    schedule: Literal["anneal", "constant", "finetune"] = "anneal"
+    batch_size: int | None = Field(None, ge=1)
+    window: int | None = Field(None, ge=1)  # the averaged window (default: the curves' window)
+
+
+class SpikeSpec(_Strict):
+    """A copy of the run trained with a deliberate loss spike, recovered from an average vs a rollback."""
+
+    branch: float = Field(0.5, gt=0, lt=1)  # the checkpoint the copy branches from, as a fraction of the run
+    factor: float = Field(100.0, gt=1)  # learning-rate multiplier during the spike
+    at: int = Field(20, ge=2)  # the step (from the branch) whose loss first shows the spike
+    length: int = Field(3, ge=1)
+    steps: int = Field(40, ge=2)
+    save_every: int = Field(4, ge=1)
+    k: int = Field(3, ge=1)  # checkpoints before the spike that are averaged (the paper used 3)
+    resume_steps: int = Field(20, ge=1)
+    lr: float | None = Field(None, gt=0)  # default: the world's stable-phase rate
+    batch_size: int | None = Field(None, ge=1)
+
+
+class PMASpec(_Strict):
+    """The pre-training paper's experiments (Li et al. 2025) on one or more runs."""
+
+    runs: list[PMARunSpec] | None = None  # default with ``world:``: every size's pre-training run
+    strategies: list[StrategySpec] = Field(
+        default_factory=lambda: [StrategySpec(strategy="sma"), StrategySpec(strategy="ema", alpha=0.2),
+                                 StrategySpec(strategy="wma")],
+        min_length=1,
+    )  # fmt: skip
+    window: int = Field(10, ge=1)  # N of the curves along the run (the paper's default)
+    interval: int | str | None = None  # V: steps (50) or tokens (2B) between averaged checkpoints
+    along_run: bool = True
+    ends: int | None = Field(None, ge=1)  # the curve's newest T end steps (default: every full window)
+    every: int = Field(1, ge=1)  # along the run, every this many checkpoints
+    ablation: AblationSpec | None = AblationSpec()
+    pma_init: PMAInitSpec | None = PMAInitSpec()
+    spike: SpikeSpec | None = SpikeSpec()
+    heldout_limit: int | None = Field(None, ge=1)  # held-out documents scored per model (default: all)
+    task_limit: int | None = Field(None, ge=1)  # examples per task along the run (with ``tasks``)
+    world_tasks: Literal["held_out", "none"] = "held_out"  # with ``world:``: score the world's held-out tasks
+
+
 class StudySpec(_Strict):
     """A merging study: groups × methods × number of experts × seeds, every merge evaluated."""
 
@@ -103,13 +191,15 @@ class StudySpec(_Strict):
     world: str | None = None
     groups: list[GroupSpec] | None = None
     tasks: str | HarnessTasks | None = None
-    methods: list[MethodSpec] = Field(min_length=1)
-    num_experts: list[int] = Field(min_length=1)
+    methods: list[MethodSpec] = Field(default_factory=list)
+    num_experts: list[int] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     eval: EvalSpec = EvalSpec()
     diagnostics: bool = True  # task-vector statistics per draw (cosine, sign agreement, norms)
     world_sizes: list[str] | None = None  # with world: only these sizes (default: every size)
     world_kinds: list[str] | None = None  # with world: only these base kinds (default: pt and it)
+    merging: bool = True  # with world: run the merging grid (false: the PMA experiments alone)
+    pma: PMASpec | None = None  # the pre-training paper's experiments
 
     @field_validator("num_experts")
     @classmethod
@@ -128,10 +218,20 @@ class StudySpec(_Strict):
             raise ValueError("repeated values")
         return v
 
+    @property
+    def has_merging(self) -> bool:
+        return self.merging and (self.groups is not None or self.world is not None) and bool(self.methods)
+
     @model_validator(mode="after")
     def _sources(self) -> StudySpec:
-        if (self.world is None) == (self.groups is None):
+        pma_alone = self.pma is not None and self.pma.runs is not None and self.world is None
+        if not pma_alone and (self.world is None) == (self.groups is None):
             raise ValueError("give exactly one of 'world' (a built world) or 'groups' (models)")
+        if self.merging and (self.groups is not None or self.world is not None):
+            if not self.methods:
+                raise ValueError("'methods' is required for merging (or set merging: false)")
+            if not self.num_experts:
+                raise ValueError("'num_experts' is required for merging (or set merging: false)")
         if self.groups is not None and self.tasks is None:
             raise ValueError("'tasks' (a suite.yaml with held_in / held_out) is required with 'groups'")
         if self.groups is not None:
@@ -184,9 +284,17 @@ def parse_spec(data: Any, label: str = "spec") -> StudySpec:
 def _fields_at(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key was found (for the "did you mean" hint)."""
     names = [p for p in loc if not isinstance(p, int)]
-    model = {(): StudySpec, ("groups",): GroupSpec, ("eval",): EvalSpec, ("tasks", "HarnessTasks"): HarnessTasks}.get(
-        tuple(names)
-    )
+    model = {
+        (): StudySpec,
+        ("groups",): GroupSpec,
+        ("eval",): EvalSpec,
+        ("tasks", "HarnessTasks"): HarnessTasks,
+        ("pma",): PMASpec,
+        ("pma", "runs"): PMARunSpec,
+        ("pma", "ablation"): AblationSpec,
+        ("pma", "pma_init"): PMAInitSpec,
+        ("pma", "spike"): SpikeSpec,
+    }.get(tuple(names))
     return list(model.model_fields) if model is not None else []
 
 

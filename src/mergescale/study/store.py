@@ -27,12 +27,15 @@ key)``
     the pre-training paper's averages (``kind``: ``along`` the run, or ``ablation`` at chosen end steps): the
     average's validation loss, the last checkpoint's and the annealed model's at that step, the share of the
     anneal's gain recovered, (PMA − last) / (annealed − last), and task scores (JSON).
-``pma_curves(run, experiment, variant, step, loss, grad_norm)``
+``pma_curves(run, experiment, variant, step, loss, grad_norm, key)``
     training curves of PMA-init (``experiment`` ``pma_init``; variants ``pma`` / ``last``) and spike recovery
     (``spike``; variants ``spiked``, ``average``, ``rollback``, ``unspiked``).
 ``pma_results(run, experiment, variant, metric, value, key)``
     their final numbers (final validation loss, gradient-norm std and largest jump, injected / detected spike
     step, ...).
+``pma_jobs(key, run, experiment, seconds, peak_rss, versions, finished, current)``
+    one row per finished PMA job (curve, ablation, pma_init, spike of a run); the rows of the three tables above
+    carry their job's key, and a job's rows are replaced together.
 
 A job's rows (its cells, their scores, its draw and diagnostics) are written in one transaction, so a kill at any
 moment leaves each cell entirely written or absent, and a rerun computes exactly the absent ones.
@@ -84,7 +87,10 @@ CREATE TABLE IF NOT EXISTS pma_points (
     PRIMARY KEY (run, kind, strategy, alpha, n, interval, end_step));
 CREATE TABLE IF NOT EXISTS pma_curves (
     run TEXT NOT NULL, experiment TEXT NOT NULL, variant TEXT NOT NULL, step INTEGER NOT NULL, loss REAL,
-    grad_norm REAL, PRIMARY KEY (run, experiment, variant, step));
+    grad_norm REAL, key TEXT, PRIMARY KEY (run, experiment, variant, step));
+CREATE TABLE IF NOT EXISTS pma_jobs (
+    key TEXT PRIMARY KEY, run TEXT NOT NULL, experiment TEXT NOT NULL, seconds REAL, peak_rss INTEGER,
+    versions TEXT, finished TEXT, current INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS pma_results (
     run TEXT NOT NULL, experiment TEXT NOT NULL, variant TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
     key TEXT, PRIMARY KEY (run, experiment, variant, metric));
@@ -212,13 +218,16 @@ class StudyStore:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (key TEXT PRIMARY KEY)")
             c.execute("DELETE FROM wanted")
             c.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(k,) for k in keys])
-            c.execute("UPDATE cells SET current = (key IN (SELECT key FROM wanted))")
-            done = c.execute("SELECT COUNT(*) FROM cells WHERE current = 1").fetchone()[0]
-            stale = c.execute("SELECT COUNT(*) FROM cells WHERE current = 0").fetchone()[0]
+            done = stale = 0
+            for table in ("cells", "pma_jobs"):
+                c.execute(f"UPDATE {table} SET current = (key IN (SELECT key FROM wanted))")
+                done += c.execute(f"SELECT COUNT(*) FROM {table} WHERE current = 1").fetchone()[0]
+                stale += c.execute(f"SELECT COUNT(*) FROM {table} WHERE current = 0").fetchone()[0]
         return done, stale
 
     def done_keys(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT key FROM cells")}
+        cells = {r[0] for r in self.conn.execute("SELECT key FROM cells")}
+        return cells | {r[0] for r in self.conn.execute("SELECT key FROM pma_jobs")}
 
     # -- results -------------------------------------------------------------------------------------------------
     def primary_metrics(self) -> dict[str, str]:
@@ -276,6 +285,40 @@ class StudyStore:
                 c.execute("DELETE FROM diagnostics WHERE draw_key = ?", (draw["key"],))
                 c.executemany("INSERT INTO diagnostics VALUES (:draw_key, :stat, :a, :b, :value)", list(diagnostics))
 
+    def write_pma(self, job: dict[str, Any], points: Sequence[dict], curves: Sequence[dict], results: Sequence[dict]) -> None:
+        """One PMA job's rows, replacing any earlier rows of its key, in one transaction."""
+        with self.transaction() as c:
+            for table in ("pma_points", "pma_curves", "pma_results"):
+                c.execute(f"DELETE FROM {table} WHERE key = ?", (job["key"],))
+            # rows of this run and experiment from an earlier spec (another key) give way to this job's
+            kinds = {"curve": "along", "ablation": "ablation"}
+            if job["experiment"] in kinds:
+                c.execute(
+                    "DELETE FROM pma_points WHERE run = ? AND kind = ?", (job["run"], kinds[job["experiment"]])
+                )
+            else:
+                for table in ("pma_curves", "pma_results"):
+                    c.execute(f"DELETE FROM {table} WHERE run = ? AND experiment = ?", (job["run"], job["experiment"]))
+            c.execute("DELETE FROM pma_jobs WHERE key = ?", (job["key"],))
+            c.execute(
+                "INSERT INTO pma_jobs (key, run, experiment, seconds, peak_rss, versions, finished, current) "
+                "VALUES (:key, :run, :experiment, :seconds, :peak_rss, :versions, :finished, 1)",
+                {**job, "finished": _now()},
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO pma_points VALUES (:run, :kind, :strategy, :alpha, :n, :interval, :end_step, "
+                ":loss, :last_loss, :annealed_loss, :recovered, :scores, :key)",
+                list(points),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO pma_curves VALUES (:run, :experiment, :variant, :step, :loss, :grad_norm, :key)",
+                list(curves),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO pma_results VALUES (:run, :experiment, :variant, :metric, :value, :key)",
+                list(results),
+            )
+
     def renormalise_baselines(self, group: str) -> None:
         """Normalised scores of a group's baseline cells, once its base and experts are all stored."""
         experts, base = self.references(group)
@@ -296,6 +339,11 @@ class StudyStore:
                 )
 
     # -- reading -------------------------------------------------------------------------------------------------
+    def has_table(self, name: str) -> bool:
+        """Whether the store has this table (a store written by an older mergescale may lack newer ones)."""
+        row = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+        return row is not None
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         self.conn.row_factory = sqlite3.Row
         try:
