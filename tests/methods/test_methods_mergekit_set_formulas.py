@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from methods_helpers import make_inputs, run
+from methods_helpers import run
 
 from mergescale.errors import ConfigError
 from mergescale.methods import get_method
