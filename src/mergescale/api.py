@@ -271,7 +271,8 @@ def _tokenizer_parts(config: MergeConfig, pool: SourcePool, parts: OutputParts) 
             if row is None or row < 0:
                 raise ConfigError(f"tokenizer.tokens.{token}: token {src_spec.token!r} is not in {src_spec.model}")
             rules[tid] = TokenRule(source=pool.add(src_spec.model), row=row, force=spec.force)
-    parts.vocabulary = VocabularyAlignment(built.size, len(order), rows, names, rules)
+    base_source = pool.add(config.base_model) if config.base_model else None
+    parts.vocabulary = VocabularyAlignment(built.size, len(order), rows, names, rules, base=base_source)
     parts.tokenizer = built
     if parts.model_config is not None:
         cfg = dict(parts.model_config)

@@ -48,6 +48,8 @@ class VocabularyAlignment:
         rows: per source, a (tokens,) int64 tensor: the source's row of each output token, −1 where it has none.
         tensor_names: per source, the names of its tensors with the vocabulary on axis 0.
         rules: output token id -> explicit fill (``tokenizer.tokens``).
+        base: the config's base model (its source), for rule 4 when the method merges the base as a plain
+            input (linear, karcher): mergekit looks the base up among the inputs by name.
     """
 
     size: int
@@ -55,6 +57,7 @@ class VocabularyAlignment:
     rows: Mapping[int, torch.Tensor]
     tensor_names: Mapping[int, frozenset[str]]
     rules: Mapping[int, TokenRule] = field(default_factory=dict)
+    base: int | None = None
 
     def covers(self, ref: object) -> bool:
         """Whether an input tensor (a :class:`~mergescale.engine.plan.TensorRef`) has a vocabulary axis."""

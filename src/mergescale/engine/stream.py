@@ -576,7 +576,7 @@ def _align_vocabulary(job: TensorJob, st: _OutputState) -> None:
     p = st.product
     reads = [*p.models, *([p.base] if p.base is not None else [])]
     sources = [job.reads[r].source for r in reads]
-    base_source = job.reads[p.base].source if p.base is not None else None
+    base_source = job.reads[p.base].source if p.base is not None else p.vocabulary.base  # type: ignore[union-attr]
     aligned = p.vocabulary.align([st.raw[r] for r in reads], sources, base_source)  # type: ignore[union-attr]
     st.raw = {}
     if p.base is not None:
