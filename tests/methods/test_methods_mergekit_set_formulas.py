@@ -139,3 +139,11 @@ def test_ram_keeps_unique_changes_and_averages_shared_ones():
     torch.testing.assert_close(run("ram", [t1, t2], base, None, {}), torch.tensor([1.0, 5.0, 0.0, 2.0]))
     # RAM+: model 2's unique entry boosted by 1 + r·clamp(shared/unique = 2, 0, α) = 1 + 0.1·0.2
     torch.testing.assert_close(run("ramplus_tl", [t1, t2], base, None, {}), torch.tensor([1.0, 5.1, 0.0, 2.0]))
+
+
+def test_sce_variance_is_torch_var_bit_for_bit():
+    from mergescale.methods.sce import population_variance
+
+    g = torch.Generator().manual_seed(11)
+    tau = 0.01 * torch.randn((4, 300_000), generator=g)
+    assert torch.equal(population_variance(tau), torch.var(tau, dim=0, unbiased=False))

@@ -22,18 +22,39 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs
+from mergescale.methods.selection import top_k_thresholds_
 
 PROB_EPS = 1e-8
 QUANTILES = (0.25, 0.5, 0.75)
 
 
+_ROW_BYTES = 4 << 20  # rows per chunk of the importance: the chunk's temporaries stay in cache
+
+
 def importance(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|θ − θ_base| · KL(softmax(θ) ‖ softmax(θ_base)) per row (last dim), float32 of θ's shape."""
-    p = torch.softmax(theta, dim=-1).add_(PROB_EPS)  # (..., C)
-    q = torch.softmax(base, dim=-1).add_(PROB_EPS)  # (..., C)
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # (..., 1)
-    del p, q
-    return torch.sub(theta, base).abs_().mul_(kl)
+    t2 = theta.reshape(-1, theta.shape[-1]) if theta.dim() else theta.reshape(1, 1)  # (R, C)
+    b2 = base.reshape(t2.shape)
+    out = torch.empty_like(t2)
+    rows = max(1, _ROW_BYTES // (4 * t2.shape[1] or 1))
+    for s in range(0, t2.shape[0], rows):
+        t, b = t2[s : s + rows], b2[s : s + rows]
+        p = torch.softmax(t, dim=-1).add_(PROB_EPS)  # (r, C)
+        q = torch.softmax(b, dim=-1).add_(PROB_EPS)
+        kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # (r, 1)
+        torch.sub(t, b, out=out[s : s + rows]).abs_().mul_(kl)
+    return out.view(theta.shape)
+
+
+def sorted_entries(flat: torch.Tensor, indices: list[int]) -> list[float]:
+    """The entries of a flat non-negative float32 tensor at the given ranks of its ascending order, by one
+    sweep of the exact selection (:mod:`mergescale.methods.selection`) instead of a sort."""
+    n = flat.numel()
+    ranks = [n - i for i in indices]  # the i-th smallest is the (n − i)-th largest
+    inner = sorted({k for k in ranks if 0 < k < n})
+    found = dict(zip(inner, (t.value for t in top_k_thresholds_(flat, inner)[0]), strict=True)) if inner else {}
+    low = float(flat.min()) if n in ranks else 0.0
+    return [found.get(k, low) for k in ranks]
 
 
 def upper_fence(scores: torch.Tensor) -> torch.Tensor:
@@ -42,7 +63,7 @@ def upper_fence(scores: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     # the same float32 arithmetic as mergekit's ``(q * (n - 1)).long()``
     idx = (torch.tensor(QUANTILES, dtype=torch.float32) * (n - 1)).long().tolist()
-    q1, q2, q3 = (torch.kthvalue(flat, i + 1).values for i in idx)  # kthvalue is 1-based
+    q1, q2, q3 = (torch.tensor(v, dtype=torch.float32) for v in sorted_entries(flat, idx))
     return q2 + 1.5 * (q3 - q1)
 
 

@@ -19,51 +19,74 @@ every norm is ≤ tol the result is zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
 
 
 def karcher_mean(tensors: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """The rescaled Karcher mean of the rows of a (n, N) float32 tensor, as an (N,) tensor."""
+    """The rescaled Karcher mean of the rows of a (n, N) float32 tensor, as an (N,) tensor.
+
+    Every iterate m is a combination of the inputs' directions (m = Σⱼ βⱼuⱼ: the first is, and each step adds
+    combinations of m and the uⱼ), so the iteration runs on the (v, v) Gram matrix of the v valid directions,
+    Gᵢⱼ = ⟨uᵢ, uⱼ⟩, in float64: ⟨m, uᵢ⟩ = (Gβ)ᵢ and ‖m‖² = βᵀGβ. The tensors are swept twice (the Gram matrix, and
+    the final Σⱼ βⱼuⱼ) however many iterations run, where the direct form sweeps them 3v times per iteration.
+    """
     n = tensors.shape[0]
     if n == 1:
         return tensors[0].clone()
     alphas = [1.0 / n] * n
-    norms = torch.linalg.vector_norm(tensors, dim=1)  # (n,)
-    norm_values = norms.tolist()
-    valid = [i for i, r in enumerate(norm_values) if r > tol]
+    norms = torch.linalg.vector_norm(tensors, dim=1).tolist()  # (n,) rᵢ
+    valid = [i for i, r in enumerate(norms) if r > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
-    units = torch.zeros_like(tensors)  # (n, N)
-    for i, r in enumerate(norm_values):
-        if r != 0.0:
-            units[i] = tensors[i] / norms[i]
     total = sum(alphas[i] for i in valid)
-    weights = [alphas[i] / total for i in valid]
-    vunits = units[valid]  # (v, N)
-    mean = torch.zeros_like(tensors[0])
-    for a, u in zip(weights, vunits, strict=True):
-        mean += a * u
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = vunits[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    weights = torch.tensor([alphas[i] / total for i in valid], dtype=torch.float64)  # (v,) α'ᵢ
+    inv = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
+    gram = _gram(tensors, valid) * inv[:, None] * inv[None, :]  # (v, v) ⟨uᵢ, uⱼ⟩
+
+    def norm(beta: torch.Tensor) -> float:
+        return float(beta @ gram @ beta) ** 0.5
+
+    beta = weights.clone()  # m = Σ α'ᵢuᵢ, then normalised
+    mean_norm = norm(beta)
+    if mean_norm < tol:
+        beta = torch.zeros_like(weights)
+        beta[0] = 1.0
+    else:
+        beta = beta / mean_norm
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(weights, vunits, strict=True):
-            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() < tol:
-                continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        t_norm = torch.linalg.vector_norm(tangent)
-        if t_norm.item() < tol:
+        dots = (gram @ beta).clamp(-1.0, 1.0)  # (v,) cos θᵢ = ⟨m, uᵢ⟩
+        theta = torch.arccos(dots)
+        step = torch.where(theta < tol, torch.zeros_like(theta), weights * theta / torch.sin(theta))  # (v,)
+        # tangent g = Σᵢ stepᵢ (uᵢ − cos θᵢ·m): coefficients stepᵢ on uᵢ, −Σᵢ stepᵢ cos θᵢ on m
+        gamma = step - float(step @ dots) * beta
+        t_norm = norm(gamma)
+        if t_norm < tol:
             break
-        mean = torch.cos(t_norm) * mean + torch.sin(t_norm) * (tangent / t_norm)
-        m_norm = torch.linalg.vector_norm(mean)
-        if m_norm.item() > tol:
-            mean = mean / m_norm
+        beta = math.cos(t_norm) * beta + (math.sin(t_norm) / t_norm) * gamma
+        m_norm = norm(beta)
+        if m_norm > tol:
+            beta = beta / m_norm
     scale = sum(a * r for a, r in zip(alphas, norms, strict=True))
-    return scale * mean
+    coefs = (beta * inv * scale).to(torch.float32)  # (v,) on the raw rows: βⱼ/rⱼ·scale
+    sel = tensors[valid] if len(valid) != n else tensors
+    return torch.mv(sel.T, coefs.to(tensors.device))
+
+
+_GRAM_CHUNK = 1 << 20  # columns per float64 block of the Gram matrix: bounded memory, exact-ish sums
+
+
+def _gram(tensors: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """(v, v) float64 Gram matrix of the chosen rows, accumulated over float64 column blocks."""
+    gram = torch.zeros((len(rows), len(rows)), dtype=torch.float64, device=tensors.device)
+    sel = tensors[rows] if len(rows) != tensors.shape[0] else tensors
+    for s in range(0, sel.shape[1], _GRAM_CHUNK):
+        block = sel[:, s : s + _GRAM_CHUNK].to(torch.float64)
+        gram += block @ block.T
+    return gram.cpu()
 
 
 def karcher(inputs: MethodInputs) -> torch.Tensor:

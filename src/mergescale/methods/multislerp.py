@@ -17,6 +17,8 @@ sphere, not merged); ``weight`` per model (required), ``normalize_weights`` (tru
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergescale.errors import ConfigError
@@ -37,10 +39,10 @@ def multislerp(inputs: MethodInputs) -> torch.Tensor:
     weights = torch.tensor([float(p["weight"]) for p in inputs.model_params], dtype=torch.float32)  # (k,)
     if bool(inputs.params.get("normalize_weights", True)):
         weights = weights / weights.sum()
-    w = weights.to(stack.device).view(-1, 1)  # (k, 1)
-    norms = torch.linalg.vector_norm(stack, dim=-1, keepdim=True)  # (k, 1)
-    units = stack / (norms + eps)  # (k, n)
-    mean = (units * w).sum(0)  # (n,)
+    w = weights.to(stack.device)  # (k,)
+    norms = torch.linalg.vector_norm(stack, dim=-1)  # (k,) nᵢ
+    scaled = w / (norms + eps)  # (k,) the weight of each raw row in Σ wᵢuᵢ
+    mean = torch.mv(stack.T, scaled)  # (n,) Σ wᵢuᵢ, one pass
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if k == 2:
@@ -50,15 +52,15 @@ def multislerp(inputs: MethodInputs) -> torch.Tensor:
             f"multislerp: tensor {inputs.name!r}: the weighted mean direction of the models is zero "
             "(antipodal models with balancing weights); change the weights"
         )
-    mean = mean / mean_norm
-    dots = (units * mean).sum(-1, keepdim=True)  # (k, 1)
-    tangent = ((units - dots * mean) * w).sum(0)  # (n,)
-    del units
-    t_norm = torch.linalg.vector_norm(tangent) + eps
-    result = mean * torch.cos(t_norm) + tangent * (torch.sin(t_norm) / t_norm)
-    result = result * (norms.squeeze(-1) * w.squeeze(-1)).sum()
+    mean.div_(mean_norm)  # m
+    dots = torch.mv(stack, mean) / (norms + eps)  # (k,) ⟨uᵢ, m⟩
+    # τ = Σ wᵢ(uᵢ − ⟨uᵢ, m⟩m) = Σ wᵢuᵢ − (Σ wᵢ⟨uᵢ, m⟩)·m (zero up to rounding, as in mergekit)
+    tangent = torch.mv(stack.T, scaled).sub_(mean, alpha=float((w * dots).sum()))
+    t_norm = float(torch.linalg.vector_norm(tangent)) + eps
+    result = mean.mul_(math.cos(t_norm)).add_(tangent, alpha=math.sin(t_norm) / t_norm)
+    result.mul_(float((norms * w).sum()))
     if base is not None:
-        result = result + base
+        result.add_(base)
     return result.view(shape)
 
 

@@ -18,6 +18,8 @@ uses the raw vectors; only the angle uses normalised ones (so the result is not 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergescale.errors import ConfigError
@@ -40,6 +42,20 @@ def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tenso
     return torch.where(colinear, (1 - t) * v0 + t * v1, out)
 
 
+def nuslerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """:func:`nuslerp_vectors` of two whole tensors as one vector each: the angle from three reductions, then one
+    pass c₀·v₀ + c₁·v₁ (no normalised copies)."""
+    n0 = max(float(torch.linalg.vector_norm(v0)), NORM_EPS)
+    n1 = max(float(torch.linalg.vector_norm(v1)), NORM_EPS)
+    cos = min(1.0, max(-1.0, float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (n0 * n1)))
+    if 1 - cos * cos <= COLINEAR_EPS**2:
+        c0, c1 = 1 - t, t
+    else:
+        theta = math.acos(cos)
+        c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return torch.mul(v0, c0).add_(v1, alpha=c1)
+
+
 def interpolation_factor(w0: float, w1: float) -> float:
     total = w0 + w1
     return 0.5 if abs(total) < ZERO_SUM else w1 / total
@@ -50,18 +66,17 @@ def nuslerp(inputs: MethodInputs) -> torch.Tensor:
     if inputs.k != 2:
         raise ConfigError(f"nuslerp: tensor {inputs.name!r}: needs exactly two models besides the base, got {inputs.k}")
     t = interpolation_factor(float(inputs.model_params[0]["weight"]), float(inputs.model_params[1]["weight"]))
-    shape = inputs.tensors.shape[1:]
     v0, v1 = inputs.tensors[0].to(torch.float32), inputs.tensors[1].to(torch.float32)
     base = inputs.base.to(torch.float32) if inputs.base is not None else None
-    if base is not None:
-        v0, v1 = v0 - base, v1 - base
+    if base is not None:  # the stack is engine-owned: task vectors in place
+        v0, v1 = v0.sub_(base), v1.sub_(base)
     if bool(inputs.params.get("nuslerp_flatten", True)):
-        out = nuslerp_vectors(t, v0.reshape(-1), v1.reshape(-1)).view(shape)
+        out = nuslerp_flat(t, v0, v1)
     elif bool(inputs.params.get("nuslerp_row_wise", False)):
         out = nuslerp_vectors(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
     else:
         out = nuslerp_vectors(t, v0, v1)
-    return out + base if base is not None else out.contiguous()
+    return out.add_(base) if base is not None else out.contiguous()
 
 
 METHOD = MergeMethod(

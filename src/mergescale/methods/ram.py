@@ -24,34 +24,50 @@ import torch
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
 
+# Columns per chunk: k rows of float32 and a few temporaries stay in cache.
+_CHUNK_BYTES = 8 << 20
+
 
 def ram(inputs: MethodInputs, *, plus: bool = False) -> torch.Tensor:
-    """RAM (or RAM+ with ``plus``) for one tensor, in float32."""
+    """RAM (or RAM+ with ``plus``) for one tensor, in float32, chunk by chunk of columns (written over the
+    engine-owned base); RAM+'s per-model counts take one counting sweep first."""
     name = "ramplus_tl" if plus else "ram"
     if inputs.base is None:
         raise ConfigError(f"{name}: tensor {inputs.name!r}: needs base_model")
-    base = inputs.base.to(torch.float32)
+    shape = inputs.base.shape
+    base = inputs.base.to(torch.float32).reshape(-1)  # (n,)
     if inputs.k == 0:
-        return base
+        return base.view(shape)
+    k = inputs.k
     eps = float(inputs.params.get("epsilon", 1e-5))
-    tau = inputs.tensors.to(torch.float32).reshape(inputs.k, -1)  # (k, n) engine-owned
-    tau.sub_(base.reshape(-1))
-    changed = tau.abs() > eps  # (k, n) nᵢ
-    counts = changed.sum(dim=0, keepdim=True)  # (1, n) c
-    overlap = counts > 1
-    unique = counts == 1
-    tau.mul_(changed)
-    shared_part = tau * overlap / counts.clamp(min=1)  # (k, n)
+    tau = inputs.tensors.to(torch.float32).reshape(k, -1)  # (k, n) engine-owned
+    n = base.numel()
+    step = n if tau.device.type != "cpu" else max(1 << 14, _CHUNK_BYTES // (4 * (k + 4)))
+    lam = None
     if plus:
-        shared_n = (changed & overlap).sum(dim=1)  # (k,)
-        unique_n = (changed & unique).sum(dim=1)  # (k,)
+        shared_n = torch.zeros(k, dtype=torch.int64, device=tau.device)
+        unique_n = torch.zeros(k, dtype=torch.int64, device=tau.device)
+        for s in range(0, n, step):
+            t = tau[:, s : s + step].sub_(base[s : s + step])  # τ, in place (the second sweep skips this)
+            changed = t.abs() > eps  # (k, c)
+            counts = changed.sum(dim=0, keepdim=True)  # (1, c)
+            shared_n += (changed & (counts > 1)).sum(dim=1)
+            unique_n += (changed & (counts == 1)).sum(dim=1)
         rho = shared_n / unique_n.clamp(min=eps)
-        lam = 1 + float(inputs.params.get("r", 0.1)) * rho.clamp(min=0, max=float(inputs.params.get("alpha", 0.2)))
-        unique_part = tau * unique * lam.unsqueeze(-1)
-    else:
-        unique_part = tau * unique
-    merged = (unique_part + shared_part).sum(dim=0)  # (n,)
-    return base.add_(merged.view(base.shape))
+        r, alpha = float(inputs.params.get("r", 0.1)), float(inputs.params.get("alpha", 0.2))
+        lam = (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)  # (k, 1)
+    for s in range(0, n, step):
+        t = tau[:, s : s + step]  # (k, c)
+        if not plus:
+            t.sub_(base[s : s + step])
+        changed = t.abs() > eps  # (k, c) nᵢ
+        counts = changed.sum(dim=0, keepdim=True)  # (1, c)
+        overlap, unique = counts > 1, counts == 1
+        t.mul_(changed)
+        shared = t * overlap / counts.clamp(min=1)
+        own = t * unique if lam is None else t * unique * lam
+        base[s : s + step].add_((own + shared).sum(dim=0))
+    return base.view(shape)
 
 
 _EPS = ParamSpec("epsilon", float, 1e-5, low=0.0, doc="|τ| above which an entry counts as changed")
