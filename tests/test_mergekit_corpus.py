@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import VOCAB, tiny_config
 
 from mergescale.api import merge
 from mergescale.config import ConfigWarning
@@ -43,6 +42,7 @@ pytestmark = pytest.mark.slow
 CORPUS = Path(__file__).parent / "mergekit_corpus"
 FILES = sorted(CORPUS.glob("*.yml"))
 LAYERS = 4
+VOCAB = 128  # the size of tests/conftest.py's test tokenizer
 N_EXPERTS = 12
 EXTRA_TOKENS = ["x0", "x1", "x2", "x3"]
 
@@ -79,11 +79,10 @@ def _tokenizer(extra: list[str]):
 
 
 def _model(seed: int, vocab: int, base=None):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = tiny_config("llama")
-    cfg.num_hidden_layers = LAYERS
-    cfg.vocab_size = vocab
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     if base is not None:
