@@ -108,7 +108,7 @@ def test_bad_configs_name_the_key(over, message):
         ({"merge_methd": "ties"}, "unknown key 'merge_methd' \\(did you mean 'merge_method'\\?\\)"),
         ({"dype": "float32"}, "unknown key 'dype' \\(did you mean 'dtype'\\?\\)"),
         ({"parameters": {"normalise": True}}, r"parameters.normalise: unknown parameter for 'ties' \(did you mean 'normalize'\?\)"),
-        ({"parameters": {"t": [{"pattern": "mlp", "value": 0.5}]}}, r"unknown key 'parameters.t\[0\].pattern' \(did you mean 'filter'\?\)"),
+        ({"parameters": {"density": [{"pattern": "mlp", "value": 0.5}]}}, r"unknown key 'parameters.density\[0\].pattern' \(did you mean 'filter'\?\)"),
         ({"models": [{"model": "a", "parameters": {"weight": 1.0, "lambda": 0.5}}]}, "'lambda' is a global parameter of 'ties'"),
         ({"pad_to_multiple_of": 8}, "unknown key 'pad_to_multiple_of' \\(did you mean 'tokenizer.pad_to_multiple_of'\\?\\)"),
     ],
