@@ -1,7 +1,14 @@
 import pytest
 import yaml
 
-from mergescale.config import ConditionalParameter, evaluate_setting, layer_fraction, load_config
+from mergescale.config import (
+    ConditionalParameter,
+    ConfigWarning,
+    evaluate_setting,
+    global_resolver,
+    layer_fraction,
+    load_config,
+)
 from mergescale.errors import ConfigError
 
 
@@ -77,22 +84,90 @@ def test_setting_resolution_matches_mergekit(setting):
 @pytest.mark.parametrize(
     ("over", "message"),
     [
-        ({"merge_methd": "ties"}, "unknown key 'merge_methd'"),
-        ({"slices": []}, "'slices' and 'modules' are not supported"),
         ({"merge_method": "nope"}, "unknown merge method 'nope'; available: .*linear"),
-        ({"parameters": {"normalise": True}}, r"parameters.normalise: unknown parameter for 'ties'"),
         ({"models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.0}}]}, r"models\[0\] \(a\).parameters.density: density must be > 0"),
         ({"models": [{"model": "a", "parameters": {"weight": 1.0, "density": 1.5}}]}, "density must be <= 1"),
-        ({"models": [{"model": "a", "parameters": {"weight": "x"}}]}, "models.0.parameters.weight"),
+        ({"models": [{"model": "a", "parameters": {"weight": "x"}}]}, r"models\[0\] \(a\).parameters.weight: weight must be a number, got 'x'"),
         ({"dtype": "float8"}, "dtype: unknown dtype 'float8'"),
-        ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported"),
+        ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "give 'tokenizer_source' or 'tokenizer', not both"),
         ({"base_model": None}, "'ties' needs base_model"),
-        ({"models": []}, "needs at least 1 models"),
+        ({"models": []}, "exactly one of 'models', 'slices' or 'modules' must be given"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]}, "exactly one of .* \\(got models, slices\\)"),
+        ({"chat_template": "chatmlx"}, "chat_template: 'chatmlx' is neither a template name"),
+        ({"modules": {"vision": {"models": [{"model": "a"}]}}, "models": None}, "whose one module mergekit calls 'default'"),
     ],
 )
 def test_bad_configs_name_the_key(over, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_cfg(**over))
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"merge_methd": "ties"}, "unknown key 'merge_methd' \\(did you mean 'merge_method'\\?\\)"),
+        ({"dype": "float32"}, "unknown key 'dype' \\(did you mean 'dtype'\\?\\)"),
+        ({"parameters": {"normalise": True}}, r"parameters.normalise: unknown parameter for 'ties' \(did you mean 'normalize'\?\)"),
+        ({"parameters": {"density": [{"pattern": "mlp", "value": 0.5}]}}, r"unknown key 'parameters.density\[0\].pattern' \(did you mean 'filter'\?\)"),
+        ({"models": [{"model": "a", "parameters": {"weight": 1.0, "lambda": 0.5}}]}, "'lambda' is a global parameter of 'ties'"),
+        ({"pad_to_multiple_of": 8}, "unknown key 'pad_to_multiple_of' \\(did you mean 'tokenizer.pad_to_multiple_of'\\?\\)"),
+    ],
+)
+def test_keys_mergekit_ignores_warn_and_strict_refuses(over, message):
+    cfg = _cfg(**over)
+    if "merge_methd" in over:
+        cfg["merge_method"] = "ties"
+    with pytest.warns(ConfigWarning, match=message):
+        loaded = load_config(cfg)
+    assert loaded.merge_method == "ties"
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg, strict=True)
+
+
+def test_a_method_parameter_at_the_top_level_points_to_parameters():
+    cfg = {"merge_method": "sce", "base_model": "b", "models": [{"model": "a"}], "select_topk": 0.15}
+    with pytest.warns(ConfigWarning, match="top-level key 'select_topk' is not a parameter there .*'parameters.select_topk'"):
+        loaded = load_config(cfg)
+    assert loaded.parameters is None  # ignored, as mergekit ignores it
+
+
+def test_name_chat_template_and_numeric_strings_are_accepted(recwarn):
+    cfg = load_config(_cfg(name="merge-1", chat_template="chatml", parameters={"normalize": True, "lambda": "1e-1"}))
+    assert cfg.name == "merge-1" and not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
+    params = global_resolver(cfg, 2)("model.layers.0.mlp.up_proj.weight")
+    assert params["lambda"] == pytest.approx(0.1)  # YAML reads 1e-1 as a string; mergekit converts it too
+
+
+def test_slices_validation():
+    def slices(*sources, method="slerp", **extra):
+        return {"merge_method": method, "slices": [{"sources": list(sources)}], **extra}
+
+    a = {"model": "a", "layer_range": [0, 4]}
+    b = {"model": "b", "layer_range": [2, 6]}
+    cfg = load_config(slices(a, b, base_model="a", parameters={"t": [0, 1]}))
+    assert [s.model for s in cfg.slice_list()[0].sources] == ["a", "b"] and cfg.referenced_models() == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"slices\[0\]: every source of a slice must have as many layers; got \[2, 4\]"):
+        load_config(slices(a, {"model": "b", "layer_range": [0, 2]}, base_model="a", parameters={"t": 0.5}))
+    with pytest.raises(ConfigError, match=r"base_model 'c' is not among the slice's sources"):
+        load_config(slices(a, b, base_model="c", parameters={"t": 0.5}))
+    with pytest.raises(ConfigError, match=r"slices\[0\].sources\[0\] \(a\): layer_range \[3, 3\] is empty"):
+        load_config(slices({"model": "a", "layer_range": [3, 3]}, method="passthrough"))
+    with pytest.raises(ConfigError, match=r"'passthrough' takes at most 1 models, got 2"):
+        load_config(slices(a, b, method="passthrough"))
+    with pytest.raises(ConfigError, match=r"sources\[1\] \(b\): missing required parameter 'weight'"):
+        load_config(slices(a, b, method="ties", base_model="a"))
+    load_config(slices(a, b, method="linear", parameters={"weight": 1.0}))  # no base role: every source merged
+    modules = {"merge_method": "passthrough", "modules": {"default": {"slices": [{"sources": [a]}]}}}
+    assert load_config(modules).slice_list()[0].sources[0].model == "a"
+
+
+def test_data_aware_methods_need_calibration():
+    cfg = {"merge_method": "regmean", "models": [{"model": "a"}, {"model": "b"}]}
+    with pytest.raises(ConfigError, match="'regmean' needs calibration data"):
+        load_config(cfg)
+    loaded = load_config({**cfg, "calibration": {"data": {"a": "a.jsonl", "default": {"tasks": "suite", "task": "mc"}}}})
+    assert loaded.calibration.source_for("a") == "a.jsonl"
+    assert loaded.calibration.source_for("b").task == "mc"
 
 
 def test_linear_needs_weights_and_slerp_two_models():

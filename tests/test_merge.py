@@ -344,6 +344,21 @@ def test_cli_merge_and_one_line_error(good, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_cli_warns_about_ignored_keys_and_strict_refuses_them(good, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**cfg("linear", [good["expert0"], good["expert1"]]), "dype": "float16"}))
+    ok = subprocess.run([sys.executable, "-m", "mergescale", "merge", str(config), str(tmp_path / "out"), "-q"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "warning:" in ok.stderr and "unknown key 'dype' (did you mean 'dtype'?)" in ok.stderr
+    assert "Traceback" not in ok.stderr and "ConfigWarning" not in ok.stderr
+    strict = subprocess.run([sys.executable, "-m", "mergescale", "merge", str(config), str(tmp_path / "out2"),
+                             "--strict"], capture_output=True, text=True)
+    assert strict.returncode == 1 and len(strict.stderr.strip().splitlines()) == 1
+    assert "unknown key 'dype' (did you mean 'dtype'?)" in strict.stderr
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])

@@ -69,7 +69,7 @@ def test_same_result_with_one_or_two_threads():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"unknown merge method 'tiez'; available: breadcrumbs, .*dare_ties.*ties"):
+    with pytest.raises(ConfigError, match=r"unknown merge method 'tiez'; available: arcee_fusion, breadcrumbs, .*ties"):
         get_method("tiez")
 
 
@@ -77,11 +77,16 @@ def test_registered_methods():
     assert set(METHODS.names()) == {
         "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
         "della", "della_linear", "slerp", "model_stock",
+        # the rest of mergekit 0.1.5's set
+        "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl",
+        # ours: low-rank estimation and data-aware methods
+        "lore", "fisher", "regmean",
     }
     randomized = {n for n in METHODS.names() if get_method(n).randomized}
     assert randomized == {"dare_ties", "dare_linear", "della", "della_linear"}
     linear = {n for n in METHODS.names() if get_method(n).linear_coefficients is not None}
-    assert linear == {"linear", "task_arithmetic"}
+    assert linear == {"linear", "task_arithmetic", "passthrough"}
+    assert {n for n in METHODS.names() if get_method(n).statistics} == {"fisher", "regmean"}
     density = get_method("ties").param_spec("density")
     assert density.check(0.0) and density.check(1.5) and density.check(1.0) is None
 
@@ -111,13 +116,13 @@ def test_chunking_does_not_change_results(method, monkeypatch):
 def test_cuda_gives_the_cpu_result(method):
     g = torch.Generator().manual_seed(10)
     base = torch.randn(300, 400, generator=g)
-    k = 1 if method == "slerp" else 3
-    ts = [base + torch.randn(300, 400, generator=g) for _ in range(k)]
     spec = get_method(method)
+    k = spec.max_models or 3
+    ts = [base + torch.randn(300, 400, generator=g) for _ in range(k)]
     mp = [{p.name: p.default for p in spec.model_params} for _ in range(k)]
     for i, p in enumerate(mp):
         p.update({key: v for key, v in {"weight": 1.0 - 0.2 * i, "density": 0.4 + 0.2 * i}.items() if key in p})
-    params = {"t": 0.3} if method == "slerp" else {}
+    params = {"t": 0.3} if method in ("slerp", "nearswap") else {}
     cpu = spec(make_inputs(ts, base, mp, params, seed=4))
     inputs = make_inputs(ts, base, mp, params, seed=4)
     inputs.tensors, inputs.base = inputs.tensors.cuda(), inputs.base.cuda()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergescale.engine.plan import TensorJob
+from mergescale.engine.plan import TensorJob, TensorRead
 from mergescale.study.diagnostics import TaskVectorStats
 from mergescale.study.draws import DrawJob, StudyContext, plan_chunks
 from mergescale.study.grid import MergeCell, ModelRef, StudyGroup
@@ -42,12 +42,13 @@ def test_statistics_equal_their_formulas_on_small_tensors() -> None:
     names = {1: "a", 2: "b", 3: "c"}
     stats = TaskVectorStats(0, names)
     for n, shape in enumerate(shapes):
-        job = TensorJob(f"t{n}", shape, torch.float32, (0, 1, 2, 3), 0)
+        reads = tuple(TensorRead(src, f"t{n}", shape, torch.float32, 0) for src in range(4))
+        job = TensorJob(reads, ())
         for src in (2, 0, 3, 1):  # any arrival order
             tensor = base[n] if src == 0 else experts[src - 1][n]
-            stats.observe(job, src, tensor.to(torch.bfloat16).to(torch.float32))
-    ints = TensorJob("step", (1,), torch.int64, (0,), 0)
-    stats.observe(ints, 0, torch.tensor([3]))  # non-float tensors are not task-vector entries
+            stats.observe(job, reads[src], tensor.to(torch.bfloat16).to(torch.float32))
+    step = TensorRead(0, "step", (1,), torch.int64, 8)
+    stats.observe(TensorJob((step,), ()), step, torch.tensor([3]))  # non-float tensors are not task-vector entries
     rounded = lambda ts: [t.to(torch.bfloat16).to(torch.float32) for t in ts]  # noqa: E731
     want = _direct(rounded(base), [rounded(e) for e in experts])
     got = {(d.stat, d.a, d.b): d.value for d in stats.result()}

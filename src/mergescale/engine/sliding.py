@@ -182,7 +182,7 @@ def _run_sliding(
     writer = threading.Thread(target=_write_jobs, args=(write_q, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     # idle output blocks kept for reuse: the largest tensor's outputs, once
-    largest = max((math.prod(j.shape) * j.dtype.itemsize for j in plan.jobs), default=0)
+    largest = max((math.prod(r.shape) * r.dtype.itemsize for j in plan.jobs for r in j.reads), default=0)
     pool = BufferPool(max_idle_bytes=largest * max((len(g.outputs) for g in sliding.groups), default=1))
     try:
         reader.start()
@@ -275,12 +275,12 @@ def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event,
             if not budget.acquire(job.nbytes):
                 return
             inputs: dict[int, torch.Tensor] = {}
-            for src in job.sources:  # map all first: their reads from disk (WILLNEED) overlap...
-                source = plan.sources[src]
+            for read in job.reads:  # map all first: their reads from disk (WILLNEED) overlap...
+                source = plan.sources[read.source]
                 if isinstance(source, SafetensorsCheckpoint):
-                    inputs[src] = source.map(job.name, populate=False)
+                    inputs[read.source] = source.map(read.name, populate=False)
                 else:
-                    inputs[src] = source.read(job.name)
+                    inputs[read.source] = source.read(read.name)
             for src, t in inputs.items():  # ...then fill their page tables here, not in the computing threads
                 if isinstance(plan.sources[src], SafetensorsCheckpoint):
                     populate_map(t)
@@ -329,10 +329,15 @@ def _compute_job(
     check_finite: bool,
     pool: BufferPool,
 ) -> list[tuple[int, torch.Tensor]]:
-    """Every output's tensor for one tensor name, as (output index, tensor)."""
+    """Every output's tensor for one tensor name, as (output index, tensor).
+
+    An along-run plan reads one tensor name from every checkpoint, and each output makes that tensor: the job's
+    reads are keyed by their source (checkpoint) and its products by their output."""
     plan = sliding.plan
     xs = {s: t.to(device, non_blocking=True) for s, t in inputs.items()}
-    if not job.dtype.is_floating_point:
+    shape = job.reads[0].shape
+    products = {p.output: p for p in job.products}
+    if not job.reads[0].dtype.is_floating_point:
         # integer buffers: each output takes its reference's (the window's oldest checkpoint, as the engine does;
         # the plan reads only the first output's reference for them)
         first = next(iter(xs.values()))
@@ -340,12 +345,12 @@ def _compute_job(
     results: list[tuple[int, torch.Tensor]] = []
     targets: list[torch.Tensor] = []  # per group: (windows, n) in the group's output dtype
     for g in sliding.groups:
-        dtypes = {plan.output_dtype(plan.outputs[o], job) for o in g.outputs}
+        dtypes = {plan.output_dtype(plan.outputs[o], products[o]) for o in g.outputs}
         if len(dtypes) != 1:
             raise ConfigError("the outputs of one window group must share an output dtype")
-        target = _empty((len(g.outputs), math.prod(job.shape)), dtypes.pop(), device, pool)
+        target = _empty((len(g.outputs), math.prod(shape)), dtypes.pop(), device, pool)
         targets.append(target)
-        results += [(o, target[k].view(job.shape)) for k, o in enumerate(g.outputs)]
+        results += [(o, target[k].view(shape)) for k, o in enumerate(g.outputs)]
     used = sorted({s for g in sliding.groups for s in range(g.lo, g.hi)})
     if any(s not in xs for s in used):
         raise ConfigError(f"tensor {job.name!r}: a window group spans a source the plan does not read")

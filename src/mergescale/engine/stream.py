@@ -34,7 +34,7 @@ import torch
 from mergescale.device import check_device
 from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
-from mergescale.engine.plan import MergePlan, OutputSpec, TensorJob, resolve
+from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
 from mergescale.errors import NonFiniteError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
@@ -45,7 +45,7 @@ _DONE = object()
 class InputObserver(Protocol):
     """Sees every input tensor of a run as it is read (see ``run_plan``'s ``observers``)."""
 
-    def observe(self, job: TensorJob, source: int, tensor: torch.Tensor) -> None: ...
+    def observe(self, job: TensorJob, read: TensorRead, tensor: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -104,18 +104,18 @@ class _ByteBudget:
 
 @dataclass
 class _OutputState:
-    """Work in progress of one output for the current tensor name."""
+    """Work in progress of one product (one output tensor of one output) of the current job."""
 
     spec: OutputSpec
-    coefficients: dict[int, float] | None = None  # source -> coefficient, for linear methods
+    product: Product
+    coefficients: dict[int, float] | None = None  # read -> coefficient, for linear methods
     acc: torch.Tensor | None = None  # (*shape) float32 partial sum of linear methods (or a non-float reference)
     result: torch.Tensor | None = None  # (*shape) output dtype: a linear method's finished tensor
     result_sum: float = 0.0  # sum of the float32 result: non-finite iff an entry is
     stack: torch.Tensor | None = None  # (k, *shape) float32 inputs of non-linear methods
     base: torch.Tensor | None = None  # (*shape) float32
-    model_params: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)
-    base_params: dict | None = None
+    raw: dict[int, torch.Tensor] = field(default_factory=dict)  # read -> float32 input, before vocabulary alignment
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (k, ...) float32 stack
 
 
 def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
@@ -131,20 +131,6 @@ def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
         raise NonFiniteError(
             f"{label}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
         )
-
-
-def _linear_coefficients(state: _OutputState, name: str) -> dict[int, float] | None:
-    spec = state.spec
-    fn = spec.method.linear_coefficients
-    if fn is None:
-        return None
-    model_coefs, base_coef = fn(state.model_params, state.params, state.base_params, name=name)
-    coefs: dict[int, float] = {}
-    for src, c in zip(spec.models, model_coefs, strict=True):
-        coefs[src] = coefs.get(src, 0.0) + float(c)
-    if spec.base is not None and base_coef != 0.0:
-        coefs[spec.base] = coefs.get(spec.base, 0.0) + float(base_coef)
-    return coefs
 
 
 @contextmanager
@@ -253,7 +239,8 @@ def run_plan(
         workers: threads that share the chunks of linear methods' weighted sums (default: the CPU count, at
             most 4). Each runs torch single-threaded on its own slice, so no OpenMP team is woken.
         observers: each is shown every input tensor as it arrives (``observe(job, source, tensor)``, in the
-            computing thread, before any method runs), e.g. to compute task-vector statistics from the same read.
+            computing thread, before any method runs; ``read`` says which source and tensor name it is), e.g. to
+            compute task-vector statistics from the same read.
 
     The plan's sources stay open: whoever opened them closes them. Process-wide settings the run changes (torch
     threads, the allocator's, :func:`allocator_settings`) are restored when it returns.
@@ -313,17 +300,18 @@ def _run_plan(
                     # drop this job's stack now, before the cast allocates: loop variables would keep it alive
                     # while the next job's stack is allocated, doubling the peak memory of stacked methods
                     out_state.stack = out_state.base = out_state.acc = out_state.result = None
+                    out_state.statistics = {}
                     if check_finite and out_state.coefficients is not None:
                         _check_linear_result(plan, job, out_state, result)
                     # cast here so only output-dtype tensors wait for the writer (bf16: half the memory)
-                    result = _cast(result, plan.output_dtype(out_state.spec, job), pool)
+                    result = _cast(result, plan.output_dtype(out_state.spec, out_state.product), pool)
                     nbytes = result.numel() * result.element_size()
                     write_budget.acquire(nbytes)
-                    write_q.put((out_state.spec.sink, job.name, result, nbytes))
+                    write_q.put((out_state.spec.sink, out_state.product.name, result, nbytes))
                     del result
                     if errors:
                         raise errors[0]
-                stats.tensors += 1
+                stats.tensors += len({p.name for p in job.products})
             write_q.put(_DONE)
             writer.join()
         if errors:
@@ -367,14 +355,13 @@ def _empty(
 def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
     try:
         for j, job in enumerate(plan.jobs):
-            for src in job.sources:
-                source = plan.sources[src]
-                nbytes = source.info()[job.name].nbytes
-                if not budget.acquire(nbytes):  # before reading: nothing is allocated while waiting
+            for r, read in enumerate(job.reads):
+                source = plan.sources[read.source]
+                if not budget.acquire(read.nbytes):  # before reading: nothing is allocated while waiting
                     return
                 # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map)
-                t = source.map(job.name) if isinstance(source, SafetensorsCheckpoint) else source.read(job.name)
-                read_q.put((j, src, t, nbytes))
+                t = source.map(read.name) if isinstance(source, SafetensorsCheckpoint) else source.read(read.name)
+                read_q.put((j, r, t, read.nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
         read_q.put(exc)
@@ -405,16 +392,7 @@ def _drain(q: queue.Queue) -> None:
 
 
 def _start_job(plan: MergePlan, job: TensorJob) -> list[_OutputState]:
-    states = []
-    for spec in plan.outputs:
-        st = _OutputState(spec)
-        st.model_params = [resolve(p, job.name) or {} for p in spec.model_params]
-        st.params = resolve(spec.params, job.name) or {}
-        st.base_params = resolve(spec.base_params, job.name)
-        if job.dtype.is_floating_point:
-            st.coefficients = _linear_coefficients(st, job.name)
-        states.append(st)
-    return states
+    return [_OutputState(plan.outputs[p.output], p, coefficients=p.coefficients) for p in job.products]
 
 
 def _consume(
@@ -437,24 +415,27 @@ def _consume(
             return
         if isinstance(item, BaseException):
             raise item
-        j, src, t, nbytes = item
+        j, r, t, nbytes = item
         budget.taken()
         job = plan.jobs[j]
         if j != current:
-            current, states, remaining = j, _start_job(plan, job), len(job.sources)
+            current, states, remaining = j, _start_job(plan, job), len(job.reads)
             folder.start(job, states)
         x = t.to(device, non_blocking=True)
         del t
+        read = job.reads[r]
         for observer in observers:
-            observer.observe(job, src, x)
+            observer.observe(job, read, x)
+        checked = False
         for st in states:
-            placed = _fold_stacked(st, job, src, x)
-            if check_finite and placed is not None:
+            placed = _fold_stacked(st, r, x)
+            if check_finite and placed is not None and not checked:
                 # stacked inputs are checked where they landed; linear outputs once on their result
-                _check_finite(plan.labels[src], job.name, placed)
+                _check_finite(plan.labels[read.source], read.name, placed)
+                checked = True
             placed = None  # a view of the stack: it must not outlive the job
         remaining -= 1
-        if not folder.add(src, x, nbytes):  # kept inputs are released when the folder lets go of them
+        if not folder.add(r, x, nbytes):  # kept inputs are released when the folder lets go of them
             budget.release(nbytes)
         del x
         stats.bytes_read += nbytes
@@ -492,7 +473,7 @@ class _LinearFolder:
         self.block_bytes = block_bytes
         self.budget = budget
         self.outputs: list[_LinearOutput] = []
-        self.arrived: dict[int, torch.Tensor] = {}
+        self.arrived: dict[int, torch.Tensor] = {}  # read -> input
         self.arrived_bytes: dict[int, int] = {}
 
     def start(self, job: TensorJob, states: list[_OutputState]) -> None:
@@ -501,22 +482,21 @@ class _LinearFolder:
         for n in self.arrived_bytes.values():  # only after a failure: every block ends by its job's last input
             self.budget.release(n)
         self.arrived, self.arrived_bytes = {}, {}
-        if not job.dtype.is_floating_point:
-            return
-        per_input = max(1, math.prod(job.shape) * job.dtype.itemsize)
-        size = max(1, self.block_bytes // per_input)
         for st in states:
             if st.coefficients is None:
                 continue
-            terms = [(src, st.coefficients[src]) for src in job.sources if src in st.coefficients]
+            p = st.product
+            per_input = max(1, math.prod(p.shape) * p.dtype.itemsize)
+            size = max(1, self.block_bytes // per_input)
+            terms = [(r, st.coefficients[r]) for r in range(len(job.reads)) if r in st.coefficients]
             self.outputs.append(_LinearOutput(st, [terms[i : i + size] for i in range(0, len(terms), size)]))
 
-    def add(self, src: int, x: torch.Tensor, nbytes: int) -> bool:
+    def add(self, read: int, x: torch.Tensor, nbytes: int) -> bool:
         """Take an input; False when no linear output needs it (the caller lets go of it)."""
-        if not any(src == s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block):
+        if not any(read == s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block):
             return False
-        self.arrived[src] = x
-        self.arrived_bytes[src] = nbytes
+        self.arrived[read] = x
+        self.arrived_bytes[read] = nbytes
         ready = []
         for out in self.outputs:
             if out.next < len(out.blocks) and all(s in self.arrived for s, _ in out.blocks[out.next]):
@@ -531,22 +511,32 @@ class _LinearFolder:
         return True
 
     def _fold(self, ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]) -> None:
-        job = self.job
-        srcs = sorted({s for _, block, _ in ready for s, _ in block})
-        row = {s: i for i, s in enumerate(srcs)}
-        before_large_allocation(4 * math.prod(job.shape), self.device)
+        # one pass over the inputs per output shape (a job's products usually share one tensor name)
+        by_shape: dict[tuple[int, ...], list[tuple[_LinearOutput, list[tuple[int, float]], bool]]] = {}
+        for item in ready:
+            by_shape.setdefault(item[0].state.product.shape, []).append(item)
+        for shape, group in by_shape.items():
+            self._fold_shape(shape, group)
+
+    def _fold_shape(
+        self, shape: tuple[int, ...], ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]
+    ) -> None:
+        reads = sorted({s for _, block, _ in ready for s, _ in block})
+        row = {s: i for i, s in enumerate(reads)}
+        before_large_allocation(4 * math.prod(shape), self.device)
         blocks = []
         for out, block, last in ready:
             st = out.state
             prior = st.acc
             if last:
-                st.result = target = _empty(job.shape, self.plan.output_dtype(st.spec, job), self.device, self.buffers)
+                dtype = self.plan.output_dtype(st.spec, st.product)
+                st.result = target = _empty(shape, dtype, self.device, self.buffers)
             else:
                 if st.acc is None:
-                    st.acc = torch.empty(job.shape, dtype=torch.float32, device=self.device)
+                    st.acc = torch.empty(shape, dtype=torch.float32, device=self.device)
                 target = st.acc
             blocks.append(Block([row[s] for s, _ in block], [c for _, c in block], target, prior))
-        sums = fold_blocks([self.arrived[s] for s in srcs], blocks, pool=self.executor, workers=self.workers)
+        sums = fold_blocks([self.arrived[s] for s in reads], blocks, pool=self.executor, workers=self.workers)
         del blocks
         for (out, _, last), total in zip(ready, sums, strict=True):
             if last:
@@ -560,65 +550,96 @@ class _LinearOutput:
     next: int = 0  # the first block not yet computed
 
 
-def _fold_stacked(st: _OutputState, job: TensorJob, src: int, x: torch.Tensor) -> torch.Tensor | None:
-    """Fold one input into a non-linear output's state: convert ``x`` straight into its slot of the
-    ``(k, *shape)`` float32 stack (and the base), or keep it as the reference of a non-float tensor.
+def _fold_stacked(st: _OutputState, read: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Fold one input into a non-linear product's state: convert ``x`` straight into its slot of the
+    ``(k, *shape)`` float32 stack (and the base, and the statistics' stacks), or keep it as the reference of a
+    non-float tensor, or keep it whole until the vocabulary alignment (which needs every input).
 
-    Returns the float32 tensor the input became in a stack or base (to be checked for NaN/Inf), else None.
+    Returns the float32 tensor the input became (to be checked for NaN/Inf), else None.
     """
-    spec = st.spec
-    if not job.dtype.is_floating_point:
-        if src == spec.reference:
+    p = st.product
+    if not p.dtype.is_floating_point:
+        if read == p.reference:
             st.acc = x.clone()  # its own memory: x may map an input file
         return None
     if st.coefficients is not None:
         return None
     placed = None
-    if src == spec.base:
+    if p.vocabulary is not None and (read in p.models or read == p.base):
+        st.raw[read] = placed = x.to(torch.float32, copy=True)
+    elif read == p.base:
         # a private copy: methods may write their result into it (x may be shared, or already float32)
         st.base = placed = x.to(torch.float32, copy=True)
-    positions = [p for p, m in enumerate(spec.models) if m == src]
-    if positions:
+    positions = [i for i, m in enumerate(p.models) if m == read]
+    if positions and p.vocabulary is None:
         if st.stack is None:
-            before_large_allocation(4 * len(spec.models) * x.numel(), x.device)
-            st.stack = torch.empty((len(spec.models), *job.shape), dtype=torch.float32, device=x.device)
-        for p in positions:
-            st.stack[p].copy_(x)  # converts while copying: no float32 temporary
+            before_large_allocation(4 * len(p.models) * x.numel(), x.device)
+            st.stack = torch.empty((len(p.models), *p.shape), dtype=torch.float32, device=x.device)
+        for i in positions:
+            st.stack[i].copy_(x)  # converts while copying: no float32 temporary
         placed = st.stack[positions[0]]
+    for kind, reads in p.statistics.items():
+        for i, r in enumerate(reads):
+            if r == read:
+                if kind not in st.statistics:
+                    st.statistics[kind] = torch.empty((len(reads), *x.shape), dtype=torch.float32, device=x.device)
+                st.statistics[kind][i].copy_(x)
     return placed
 
 
 def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, result: torch.Tensor) -> None:
     """A weighted sum is non-finite iff an input was (0·NaN is NaN too), or it overflowed: one check of the
     result (its sum, taken while it was computed) replaces k checks of the inputs; the culprit is looked up
-    only on failure, among the output's own inputs first, then the others of the tensor."""
+    only on failure, among the product's own inputs first, then the others of the job."""
     if math.isfinite(st.result_sum) or bool(torch.isfinite(result).all()):
         return
     own = list(st.coefficients or {})
-    for src in own + [s for s in job.sources if s not in own]:
-        _check_finite(plan.labels[src], job.name, plan.sources[src].read(job.name).to(torch.float32))
-    raise NonFiniteError(f"{st.spec.label}: tensor {job.name!r} overflows to Inf when merged")
+    for r in own + [r for r in range(len(job.reads)) if r not in own]:
+        read = job.reads[r]
+        _check_finite(plan.labels[read.source], read.name, plan.sources[read.source].read(read.name).to(torch.float32))
+    raise NonFiniteError(f"{st.spec.label}: tensor {st.product.name!r} overflows to Inf when merged")
 
 
 def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
-    spec = st.spec
-    if not job.dtype.is_floating_point:
-        assert st.acc is not None, f"{job.name}: no input reached {spec.label}"
+    spec, p = st.spec, st.product
+    if not p.dtype.is_floating_point:
+        assert st.acc is not None, f"{p.name}: no input reached {spec.label}"
         return st.acc
     if st.coefficients is not None:
-        assert st.result is not None, f"{job.name}: no input reached {spec.label}"
+        assert st.result is not None, f"{p.name}: no input reached {spec.label}"
         return st.result
-    assert st.stack is not None
+    if p.vocabulary is not None:
+        _align_vocabulary(job, st)
+    base = st.base
+    stack = st.stack
+    if stack is None:  # no merged model for this tensor: only the base (a method that returns it as is)
+        assert base is not None, f"{p.name}: no input reached {spec.label}"
+        stack = base.new_empty((0, *p.shape))
     inputs = MethodInputs(
-        name=job.name,
-        tensors=st.stack,
-        base=st.base,
-        model_params=st.model_params,
-        params=st.params,
-        base_params=st.base_params,
+        name=p.name,
+        tensors=stack,
+        base=base,
+        model_params=p.model_params,
+        params=p.params,
+        base_params=p.base_params,
         seed=spec.seed,
+        statistics=st.statistics,
     )
     return spec.method(inputs)
+
+
+def _align_vocabulary(job: TensorJob, st: _OutputState) -> None:
+    """Re-index every input's vocabulary rows to the output vocabulary (which needs all of them at once), then
+    stack them as any input is stacked."""
+    p = st.product
+    reads = [*p.models, *([p.base] if p.base is not None else [])]
+    sources = [job.reads[r].source for r in reads]
+    base_source = job.reads[p.base].source if p.base is not None else p.vocabulary.base  # type: ignore[union-attr]
+    aligned = p.vocabulary.align([st.raw[r] for r in reads], sources, base_source)  # type: ignore[union-attr]
+    st.raw = {}
+    if p.base is not None:
+        st.base = aligned.pop()
+    st.stack = torch.stack(aligned) if aligned else None
 
 
 class _Progress:

@@ -316,7 +316,10 @@ class ModelFolderSink:
         out_dir: the final folder; refused when non-empty unless ``overwrite``.
         config: the ``config.json`` to write (``dtype`` is set to the output dtype), or None.
         copy_from: a folder to copy tokenizer files and ``generation_config.json`` from, or None.
-        extra_files: more files to write, name -> text (e.g. the merge config, ``pma.json``).
+        copy_names: which files to copy from ``copy_from`` (default: the tokenizer files and
+            ``generation_config.json``).
+        extra_files: more files to write, name -> text or bytes (e.g. the merge config, ``pma.json``, a built
+            tokenizer); written after the copied ones, so they replace them.
         max_shard_size: bytes per shard (see :func:`parse_size`).
         overwrite: replace an existing non-empty ``out_dir``.
     """
@@ -327,13 +330,15 @@ class ModelFolderSink:
         *,
         config: dict[str, Any] | None = None,
         copy_from: Path | None = None,
-        extra_files: Mapping[str, str] | None = None,
+        extra_files: Mapping[str, str | bytes] | None = None,
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
+        copy_names: Sequence[str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.config = dict(config) if config is not None else None
         self.copy_from = copy_from
+        self.copy_names = tuple(copy_names) if copy_names is not None else (*TOKENIZER_FILES, GENERATION_CONFIG)
         self.extra_files = dict(extra_files or {})
         self.max_shard_size = parse_size(max_shard_size)
         self._folder = AtomicFolder(self.out_dir, overwrite=overwrite)
@@ -365,12 +370,15 @@ class ModelFolderSink:
                     config["torch_dtype"] = dtype_name
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.copy_from is not None:
-            for fname in (*TOKENIZER_FILES, GENERATION_CONFIG):
+            for fname in self.copy_names:
                 src = self.copy_from / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
-        for fname, text in self.extra_files.items():
-            (tmp / fname).write_text(text)
+        for fname, content in self.extra_files.items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                (tmp / fname).write_text(content)
         self._folder.commit()
 
     def abort(self) -> None:

@@ -16,18 +16,64 @@ breadcrumbs_ties,
 della, della_linear
 slerp              :mod:`.slerp`                    required; plus exactly one other model
 model_stock        :mod:`.model_stock`              required; plus at least two other models
+nuslerp            :mod:`.nuslerp`                  optional (task vectors around it); two other models
+multislerp         :mod:`.multislerp`               optional (the sphere's origin)
+karcher            :mod:`.karcher`                  optional; merged like any model
+sce                :mod:`.sce`                      required
+nearswap           :mod:`.nearswap`                 required; plus exactly one other model
+arcee_fusion       :mod:`.arcee_fusion`             required; plus exactly one other model
+passthrough        :mod:`.passthrough`              optional; merged like any model (one input in all)
+ram, ramplus_tl    :mod:`.ram`                      required
+lore               :mod:`.lore`                     optional (the starting estimate of the shared base)
+fisher             :mod:`.fisher`                   unused; reads each model's Fisher statistics
+regmean            :mod:`.regmean`                  unused; reads each model's Gram matrices
 =================  ===============================  ======================================================
+
+fisher and regmean are data-aware: their statistics come from :mod:`mergescale.calibration` (which runs the
+models); the methods themselves only see tensors.
 """
 
 from __future__ import annotations
 
-from mergescale.methods import linear, model_stock, slerp, task_arithmetic
+from mergescale.methods import (
+    arcee_fusion,
+    fisher,
+    karcher,
+    linear,
+    lore,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    regmean,
+    sce,
+    slerp,
+    task_arithmetic,
+)
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
 from mergescale.registry import Registry
 
 METHODS: Registry[MergeMethod] = Registry("merge method")
 
-for _method in (linear.METHOD, *task_arithmetic.METHODS, slerp.METHOD, model_stock.METHOD):
+for _method in (
+    linear.METHOD,
+    *task_arithmetic.METHODS,
+    slerp.METHOD,
+    model_stock.METHOD,
+    nuslerp.METHOD,
+    multislerp.METHOD,
+    karcher.METHOD,
+    sce.METHOD,
+    nearswap.METHOD,
+    arcee_fusion.METHOD,
+    passthrough.METHOD,
+    *ram.METHODS,
+    lore.METHOD,
+    fisher.METHOD,
+    regmean.METHOD,
+):
     METHODS.register(_method.name, _method)
 del _method
 

@@ -83,6 +83,9 @@ class MethodInputs:
         base_params: the parameters of the base model's own entry when the config lists the base under
             ``models`` (mergekit allows it), else None.
         seed: the merge's seed; use :meth:`generator` for random draws.
+        statistics: data-aware methods only: per kind of statistic (``fisher``, ``gram``), a ``(k, ...)`` float32
+            stack of each model's statistic for this tensor, in the order of ``tensors``; absent for tensors
+            without one (RegMean's Gram matrices exist for linear-layer weights only).
     """
 
     name: str
@@ -92,6 +95,7 @@ class MethodInputs:
     params: dict[str, ParamValue]
     base_params: dict[str, ParamValue] | None = None
     seed: int = 0
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +134,12 @@ class MergeMethod:
         linear_coefficients: for methods whose output is a fixed linear combination Σ cᵢθᵢ + c_base·θ_base
             of the inputs (given the parameters), the function giving those coefficients; the engine then
             accumulates input by input instead of stacking all k tensors. Must agree with ``fn``.
+        merges_base: the base model has no role of its own (mergekit's "ignored" base policy): when a config
+            names a ``base_model``, it is merged as one more input, with its own parameters (linear, karcher,
+            passthrough). ``min_models``/``max_models`` then count it.
+        statistics: kinds of per-model statistics the method reads beside the weights (``fisher``, ``gram``);
+            they come from a calibration run (:mod:`mergescale.calibration`) and reach the method as
+            :attr:`MethodInputs.statistics`.
     """
 
     name: str
@@ -142,6 +152,8 @@ class MergeMethod:
     randomized: bool = False
     reference: str = ""
     linear_coefficients: LinearCoefficientsFn | None = None
+    merges_base: bool = False
+    statistics: tuple[str, ...] = ()
     doc: str = field(default="", compare=False)
 
     def __call__(self, inputs: MethodInputs) -> torch.Tensor:

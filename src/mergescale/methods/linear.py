@@ -80,5 +80,6 @@ METHOD = MergeMethod(
     min_models=1,
     reference="https://arxiv.org/abs/2203.05482",
     linear_coefficients=coefficients,
+    merges_base=True,
     doc=__doc__ or "",
 )

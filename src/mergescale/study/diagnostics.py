@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergescale.engine.plan import TensorJob
+from mergescale.engine.plan import TensorJob, TensorRead
 
 _CHUNK = 1 << 20  # entries per float32 chunk: a few MB per input
 
@@ -55,18 +55,18 @@ class TaskVectorStats:
         self.agree = [[0] * k for _ in range(k)]
         self.both = [[0] * k for _ in range(k)]
         self.tensors = 0
-        self._job: str | None = None
-        self._arrived: dict[int, torch.Tensor] = {}
+        self._job: TensorJob | None = None
+        self._arrived: dict[str, dict[int, torch.Tensor]] = {}  # tensor name -> source -> tensor
 
-    def observe(self, job: TensorJob, source: int, tensor: torch.Tensor) -> None:
-        if not job.dtype.is_floating_point or (source != self.base and source not in self.experts):
+    def observe(self, job: TensorJob, read: TensorRead, tensor: torch.Tensor) -> None:
+        if not read.dtype.is_floating_point or (read.source != self.base and read.source not in self.experts):
             return
-        if job.name != self._job:
-            self._job, self._arrived = job.name, {}
-        self._arrived[source] = tensor
-        if len(self._arrived) == len(self.experts) + 1:
-            self._accumulate(self._arrived)
-            self._arrived = {}
+        if job is not self._job:  # a tensor whose inputs did not all arrive in its job is not a task vector
+            self._job, self._arrived = job, {}
+        arrived = self._arrived.setdefault(read.name, {})
+        arrived[read.source] = tensor
+        if len(arrived) == len(self.experts) + 1:
+            self._accumulate(self._arrived.pop(read.name))
             self.tensors += 1
 
     def _accumulate(self, inputs: dict[int, torch.Tensor]) -> None:
