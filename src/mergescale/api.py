@@ -348,7 +348,10 @@ def merge(
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
     donor = resolve_model_path(cfg.tokenizer_ref) if copy_tokenizer and cfg.tokenizer_ref else None
-    inputs = [(f"model {r!r}", resolve_model_path(r)) for r in cfg.referenced_models()]
+    inputs = [
+        (f"{'base model' if r == cfg.base_model else 'model'} {r!r}", resolve_model_path(r))
+        for r in cfg.referenced_models()
+    ]
     check_apart_from_inputs(out, inputs + ([("tokenizer source", donor)] if donor else []))
     if cfg.method.statistics:
         from mergescale.calibration import calibrate
