@@ -91,21 +91,15 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_config(
             AutoConfig.for_model(**cfg_dict), trust_remote_code=trust_remote_code
         ).float()
-        result = model.load_state_dict({n: source.read(n) for n in source.info()}, strict=False)
+        from mergescale.pma.curves import load_weights_into
+
+        try:
+            load_weights_into(model, {n: source.read(n) for n in source.info()})
+        except InputModelError as exc:
+            raise InputModelError(f"{folder}: {exc}") from None
     finally:
         source.close()
-    missing = [n for n in result.missing_keys if not _tied(model, n)]
-    if missing:
-        raise InputModelError(f"{folder}: no weights for {missing[0]!r} ({len(missing)} missing)")
     return model.eval()
-
-
-def _tied(model: torch.nn.Module, name: str) -> bool:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (
-        out is not None and inp is not None and out.weight is inp.weight and name.endswith("lm_head.weight")
-    )
 
 
 def folder_loss(
