@@ -14,6 +14,13 @@ warm page cache (the checkpoints are read once beforehand):
     nice -n 10 python benchmarks/pma_speed.py                  # 3 repeats, medians
     nice -n 10 python benchmarks/pma_speed.py --repeats 1 --no-mergekit --no-naive
     python benchmarks/pma_speed.py --cold        # checkpoints evicted from the page cache before every run
+    # issue #15's numbers, against another checkout's code in the same run:
+    python benchmarks/pma_speed.py --repeats 3 --no-mergekit --no-naive --only "N=10,along,read29" \
+        --against /path/to/other/checkout/src
+
+Repeats are interleaved (every contender once, then again), each run reports its wall time, CPU time (user +
+system, what a shared machine's load inflates least) and peak RSS, and the load average is printed after each
+round: on a shared machine compare ratios from one run, not absolute times across runs.
 
 Acceptance (issue #5): one SMA of 10 ≤ 2 × (read10+write1), peak RSS ≤ 1.5 GB and not growing with N.
 Acceptance (issue #15): the along-run curve of T = 20 windows of N = 10 ≤ 3 × one SMA of 10 (whole process),

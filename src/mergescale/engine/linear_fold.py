@@ -2,18 +2,20 @@
 
 An output's weighted sum Σⱼ cⱼ·float32(x_j) is computed in **blocks** of consecutive terms, each block chunk by
 chunk into a float32 accumulator ``a`` of one chunk that stays in cache: ``a = c₁·x₁`` (or ``prior + c₁·x₁``),
-then ``a += cⱼ·xⱼ`` for the block's other terms, each one torch operation that reads the input in its own dtype
-(bf16 as read) and converts it on the fly, then ``a`` is cast into the target. So every input is read from
-memory once, in its stored dtype, and never written back converted, and the output is written once in its own
-dtype.
+then ``a += cⱼ·xⱼ`` for the block's other terms, each one torch operation, then ``a`` is cast into the target.
+An input that only one block of the pass reads (one average) is read in its own dtype (bf16 as read) by that
+multiply-add, which converts it on the fly; an input several blocks read (a sweep) is converted once per chunk
+into a float32 scratch row that stays in cache, and the blocks read that. So every input is read from memory
+once, in its stored dtype, and the output is written once in its own dtype.
 
-Why fused adds: the previous kernel converted the chunk's inputs into a float32 scratch (m × chunk) and summed
-it with one BLAS matrix-vector product. Profiled on the 268M-parameter benchmark (10 bf16 checkpoints, one
-thread, chunks of 128K entries, Intel Xeon), its CPU went 60 % to the conversion and 30 % to the product, which
-re-read the 5 MB scratch from the L3 cache; one multiply-add per input that converts as it reads does both in
-one pass: 1.6-1.9 s against 2.1-2.6 s for the 10 checkpoints (interleaved runs, shared machine). Chunks of
-128K entries (a 512 KB accumulator, in L2) were best: torch costs about 5 µs per operation here, so smaller
-chunks pay that more often than they gain from the cache (64K: +5 %, 32K: +20 %).
+Why multiply-adds: the previous kernel converted the chunk's inputs into a float32 scratch (m × chunk) and
+summed it with one BLAS matrix-vector product. Profiled on the 268M-parameter benchmark (10 bf16 checkpoints,
+one thread, chunks of 128K entries, Intel Xeon), its CPU went 60 % to the conversion and 30 % to the product,
+which re-read the 5 MB scratch from the L3 cache. Measured alone on the same data (one thread, interleaved,
+shared machine): one SMA of 10, 1.6-2.3 s of CPU against 2.1-2.8 s; the sweep of 9 averages (57 terms),
+6.8-7.2 s against 6.9-9.9 s. Chunks of 128K entries (a 512 KB accumulator, in L2) were best: torch costs about
+5 µs per operation here, so smaller chunks pay that more often than they gain from the cache (64K: +5 %, 32K:
++20 %).
 
 Each block is summed in its terms' order by the same operations whatever else shares the pass, so an average
 computed within a sweep of nine is bit for bit the average computed alone; the caller decides the blocks from
@@ -25,6 +27,7 @@ accumulator. Pure tensor code, no I/O.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -109,22 +112,34 @@ class _FlatBlock:
 def _fold_range(
     inputs: list[torch.Tensor], blocks: list[_FlatBlock], start: int, stop: int, width: int
 ) -> list[float]:
-    acc = torch.empty(width, dtype=torch.float32, device=inputs[0].device)  # (C,) one for every block, in cache
-    used = sorted({i for b in blocks for i in b.rows})
-    terms = [list(zip(b.rows[1:], b.coefs[1:].tolist(), strict=True)) for b in blocks]
+    device = inputs[0].device
+    reads = Counter(i for b in blocks for i in b.rows)
+    # inputs several blocks read (a sweep) are converted once per chunk into a float32 scratch that stays in
+    # cache; an input one block reads is converted as that block's multiply-add reads it. Both give the same
+    # bits (torch converts a mixed-dtype operand exactly, then runs the same float32 kernel; checked by
+    # tests/engine/test_linear_fold.py), so a block's result never depends on what shares the pass.
+    shared = [i for i in sorted(reads) if reads[i] > 1]
+    scratch = torch.empty((len(shared), width), dtype=torch.float32, device=device)  # (shared, C)
+    full_rows = list(scratch.unbind(0))  # (C,) each
+    acc = torch.empty(width, dtype=torch.float32, device=device)  # (C,) one for every block, in cache
+    once = [i for i in sorted(reads) if reads[i] == 1]
     first = [float(b.coefs[0]) for b in blocks]
+    terms = [list(zip(b.rows[1:], b.coefs[1:].tolist(), strict=True)) for b in blocks]
     sums = [0.0] * len(blocks)
     for s in range(start, stop, width):
         e = min(stop, s + width)
         a = acc[: e - s]
-        xs = {i: inputs[i][s:e] for i in used}  # (C,) views in the inputs' dtype
+        xs = {i: inputs[i][s:e] for i in once}  # (C,) views in the inputs' dtype
+        rows = full_rows if e - s == width else list(scratch[:, : e - s].unbind(0))
+        for row, i in zip(rows, shared, strict=True):
+            xs[i] = row.copy_(inputs[i][s:e])  # converts once, into cache
         for k, b in enumerate(blocks):
             if b.prior is None:
                 torch.mul(xs[b.rows[0]], b.coefs[:1], out=a)  # c₁·x₁ in float32 (a (1,) float32 factor)
             else:
                 torch.add(b.prior[s:e], xs[b.rows[0]], alpha=first[k], out=a)  # prior + c₁·x₁
             for i, c in terms[k]:
-                a.add_(xs[i], alpha=c)  # a + cⱼ·xⱼ, converting xⱼ as it is read
+                a.add_(xs[i], alpha=c)  # a + cⱼ·xⱼ in the block's term order, converting xⱼ if it is not yet
             sums[k] += float(a.sum())
             b.target[s:e].copy_(a)  # casts to the target's dtype
     return sums
