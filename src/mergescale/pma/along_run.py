@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mergescale import __version__
+from mergescale.dtypes import parse_dtype
 from mergescale.engine import sliding as _sliding
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.sliding import SlidingPlan, WindowGroup, group_windows, run_sliding
@@ -42,7 +43,6 @@ from mergescale.io.writer import (
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
-    _dtype,
     _files_folder,
     _write_atomic,
     check_same_tensors,
@@ -113,7 +113,7 @@ def plan_along_run(
     if last is not None and last < 1:
         raise ConfigError(f"--ends must be at least 1, got {last}")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     steps = [c.step for c in info.checkpoints]
     if ends is None and any(s is None for s in steps):
         raise ConfigError("the checkpoints have no step numbers; give the end steps explicitly")

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from mergescale import __version__
-from mergescale.config import parse_dtype
 from mergescale.device import check_device
+from mergescale.dtypes import parse_dtype
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError, InputModelError, NonFiniteError, OutputError, TensorMismatchError
@@ -194,10 +194,6 @@ def incomplete_in_window(
     return out
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    return dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype, key="--dtype")
-
-
 def average_checkpoints(
     run_dir: str | Path | None,
     out_dir: str | Path,
@@ -253,7 +249,7 @@ def average_checkpoints(
         alpha=alpha,
         weights=tuple(float(w) for w in weights) if weights is not None else None,
     )
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
     result = choose(info, settings, dtype=out_dtype, skip_incomplete=skip_incomplete)
     out = Path(out_dir)
@@ -340,7 +336,7 @@ def sweep_checkpoints(
     """
     check_device(device)
     base = PMASettings(strategy=strategy, window=window, interval=interval, end=end, alpha=alpha)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
     results: dict[str, PMAResult] = {}
     for settings in sweep_settings(base, grid):

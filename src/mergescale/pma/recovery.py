@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mergescale.device import check_device
+from mergescale.dtypes import parse_dtype
 from mergescale.errors import ConfigError, InputModelError
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
@@ -21,7 +22,6 @@ from mergescale.io.writer import check_output_folder
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
-    _dtype,
     _Planned,
     _stream,
     check_apart_from_checkpoints,
@@ -121,7 +121,7 @@ def recover(
             f"step {first})"
         )
     window = [info.checkpoints[i] for i in picked]
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     sub = RunInfo(root=info.root, checkpoints=window, skipped=info.skipped)
     result.averaged = choose(
         sub,
