@@ -27,6 +27,7 @@ from mergescale.device import check_device
 from mergescale.engine.plan import MergePlan, OutputSpec, OutputTensor, ParamsFor, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError
+from mergescale.io.atomic import check_apart_from_inputs, check_output_folder
 from mergescale.io.checkpoint import TensorSource, open_checkpoint, resolve_model_path
 from mergescale.io.tokenizers import (
     BuiltTokenizer,
@@ -39,8 +40,6 @@ from mergescale.io.writer import (
     MemorySink,
     ModelFolderSink,
     TensorSink,
-    check_apart_from_inputs,
-    check_output_folder,
 )
 from mergescale.vocabulary import TokenRule, VocabularyAlignment
 

@@ -17,7 +17,7 @@ import torch
 
 from mergescale.dtypes import parse_dtype
 from mergescale.errors import ConfigError, OutputError
-from mergescale.io.writer import check_output_folder
+from mergescale.io.atomic import check_output_folder
 from mergescale.pma.along_run import SkippedPoint
 from mergescale.pma.average import PMAResult, PMASettings, _Planned, _stream, choose, load_run
 from mergescale.pma.weights import DEFAULT_ALPHA

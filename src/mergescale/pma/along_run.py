@@ -31,6 +31,7 @@ from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.sliding import SlidingPlan, WindowGroup, group_windows, run_sliding
 from mergescale.engine.stream import StreamStats
 from mergescale.errors import ConfigError, NonFiniteError, OutputError
+from mergescale.io.atomic import check_output_folder, write_text_atomic
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.discover import CheckpointRef, RunInfo
 from mergescale.io.writer import (
@@ -38,13 +39,11 @@ from mergescale.io.writer import (
     TOKENIZER_FILES,
     MemorySink,
     ModelFolderSink,
-    check_output_folder,
 )
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
     _files_folder,
-    _write_atomic,
     check_same_tensors,
     choose,
     load_run,
@@ -304,7 +303,7 @@ def along_run_averages(
         checkpoints_read=[str(c.path) for c in plan.checkpoints],
         outputs={p.label: p.record for p in done},
     )
-    _write_atomic(out / ALONG_RUN_JSON, record.to_json())
+    write_text_atomic(out / ALONG_RUN_JSON, record.to_json())
     return done
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from mergescale.dtypes import parse_dtype
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError, InputModelError, NonFiniteError, OutputError, TensorMismatchError
+from mergescale.io.atomic import check_apart_from_inputs, check_output_folder, write_text_atomic
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.discover import (
     CheckpointRef,
@@ -39,8 +39,6 @@ from mergescale.io.writer import (
     TOKENIZER_FILES,
     MemorySink,
     ModelFolderSink,
-    check_apart_from_inputs,
-    check_output_folder,
 )
 from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
 from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
@@ -370,7 +368,7 @@ def sweep_checkpoints(
         checkpoints_read=[str(c.path) for c in read],
         outputs={label: r.record for label, r in results.items()},
     )
-    _write_atomic(out / SWEEP_JSON, record.to_json())
+    write_text_atomic(out / SWEEP_JSON, record.to_json())
     return list(results.values())
 
 
@@ -380,12 +378,6 @@ def check_apart_from_checkpoints(out: Path, checkpoints: Sequence[CheckpointRef]
     check_apart_from_inputs(
         out, [(f"checkpoint {c.name}", p) for c in checkpoints for p in dict.fromkeys([c.path, c.folder])]
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _files_folder(ref: CheckpointRef, root: Path | None) -> Path:

@@ -16,9 +16,9 @@ import torch
 from mergescale.device import check_device
 from mergescale.dtypes import parse_dtype
 from mergescale.errors import ConfigError, InputModelError
+from mergescale.io.atomic import check_output_folder
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
-from mergescale.io.writer import check_output_folder
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
