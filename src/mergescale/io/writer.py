@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from mergescale.io.atomic import (  # noqa: F401 - the output checks, long impor
     check_output_folder,
     check_writable,
 )
+from mergescale.io.folders import CONFIG_JSON, COPIED_FILES, copy_model_files
 
 _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -44,21 +44,6 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
-
-# Files of a model folder that travel with the weights (tokenizer, generation settings, chat template).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-GENERATION_CONFIG = "generation_config.json"
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -223,7 +208,7 @@ class ModelFolderSink:
         self.out_dir = Path(out_dir)
         self.config = dict(config) if config is not None else None
         self.copy_from = copy_from
-        self.copy_names = tuple(copy_names) if copy_names is not None else (*TOKENIZER_FILES, GENERATION_CONFIG)
+        self.copy_names = tuple(copy_names) if copy_names is not None else COPIED_FILES
         self.extra_files = dict(extra_files or {})
         self.max_shard_size = parse_size(max_shard_size)
         self._folder = AtomicFolder(self.out_dir, overwrite=overwrite)
@@ -253,12 +238,9 @@ class ModelFolderSink:
                 config["dtype"] = dtype_name
                 if "torch_dtype" in config:
                     config["torch_dtype"] = dtype_name
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.copy_from is not None:
-            for fname in self.copy_names:
-                src = self.copy_from / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
+            copy_model_files(self.copy_from, tmp, self.copy_names)
         for fname, content in self.extra_files.items():
             if isinstance(content, bytes):
                 (tmp / fname).write_bytes(content)

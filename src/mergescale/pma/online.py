@@ -29,7 +29,9 @@ from transformers import TrainerCallback
 
 from mergescale import __version__
 from mergescale.errors import ConfigError, InputModelError
-from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, AtomicFolder, ModelFolderSink
+from mergescale.io.atomic import AtomicFolder
+from mergescale.io.folders import copy_model_files
+from mergescale.io.writer import ModelFolderSink
 from mergescale.pma.weights import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -248,10 +250,7 @@ class PMAAverager:
                 if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                     tokenizer.save_pretrained(tmp)
                 if copy_from is not None:
-                    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-                        src = Path(copy_from) / name
-                        if src.is_file() and not (tmp / name).exists():
-                            (tmp / name).write_bytes(src.read_bytes())
+                    copy_model_files(Path(copy_from), tmp, keep_existing=True)
                 (tmp / ONLINE_JSON).write_text(text)
                 atomic.commit()
             except BaseException:
