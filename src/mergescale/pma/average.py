@@ -10,7 +10,6 @@ each checkpoint tensor is read once and added into every average whose window ho
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -95,6 +94,7 @@ class PMAResult:
 
     @property
     def label(self) -> str:
+        assert self.record.label is not None  # an offline record always has one
         return self.record.label
 
 
@@ -496,11 +496,3 @@ def check_same_tensors(sources: Sequence[Any], labels: Sequence[str]) -> None:
             f"{labels[i]}: tensor {name!r} has shape {lay[name]} but {layouts[ref][name]} in {others}"
         )
 
-
-def read_record(folder: str | Path) -> PMARecord:
-    """The ``pma.json`` of an averaged model folder."""
-    path = Path(folder) / PMA_JSON
-    try:
-        return PMARecord.model_validate(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a valid pma.json ({exc})") from None
