@@ -29,6 +29,13 @@ def test_a_file_replaces_the_old_one_only_when_complete(tmp_path: Path) -> None:
     assert target.read_text() == "new\n" and _hidden(target.parent) == []
 
 
+def test_a_refused_rename_leaves_no_temporary(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        write_text_atomic(tmp_path / "taken", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def test_a_folder_replaces_an_existing_one_whole(tmp_path: Path) -> None:
     target = tmp_path / "out"
     (target / "old").mkdir(parents=True)

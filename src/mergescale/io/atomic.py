@@ -73,10 +73,14 @@ class AtomicPath:
         return self.create()
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if kind is None:
-            self.commit()
-        else:
+        if kind is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:  # e.g. a file to put where a folder stands: leave no temporary behind
+            self.abort()
+            raise
 
 
 class AtomicFolder(AtomicPath):
