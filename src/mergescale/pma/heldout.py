@@ -20,7 +20,6 @@ import torch
 
 from mergescale.errors import InputModelError, NonFiniteScoreWarning, TaskError
 from mergescale.io.checkpoint import open_checkpoint
-from mergescale.io.writer import TOKENIZER_FILES
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -49,15 +48,6 @@ def load_texts(path: str | Path) -> list[str]:
     if not texts:
         raise TaskError(f"eval data {path}: no documents")
     return texts
-
-
-def find_tokenizer_folder(candidates: Sequence[Path | None]) -> Path:
-    """The first folder holding tokenizer files."""
-    for folder in candidates:
-        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
-            return folder
-    names = ", ".join(str(c) for c in candidates if c is not None)
-    raise InputModelError(f"no tokenizer files in {names}; the held-out loss needs a tokenizer")
 
 
 def load_causal_lm(
