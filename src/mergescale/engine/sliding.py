@@ -45,7 +45,7 @@ from mergescale.engine.buffers import BufferPool
 from mergescale.engine.plan import MergePlan, TensorJob
 from mergescale.engine.stream import StreamStats, _check_finite, _Progress, allocator_settings
 from mergescale.errors import ConfigError, NonFiniteError
-from mergescale.io.checkpoint import SafetensorsCheckpoint, populate_map, release_map_pages
+from mergescale.io.checkpoint import populate_map, release_map_pages
 
 # Entries per chunk on the CPU: the float32 scratch of 30 sources × 32K entries (4 MB) stays in L2/L3 and the
 # product's output block in L2 (measured: 16K-64K best; smaller chunks pay each operation's dispatch more often
@@ -309,11 +309,11 @@ def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event,
             inputs: dict[int, torch.Tensor] = {}
             for read in job.reads:  # map all first: their reads from disk (WILLNEED) overlap...
                 source = plan.sources[read.source]
-                if isinstance(source, SafetensorsCheckpoint):
+                if source.maps_files:
                     inputs[read.source] = source.map(read.name, populate=False)
                 else:
                     inputs[read.source] = source.read(read.name)
-            mapped = {src for src in inputs if isinstance(plan.sources[src], SafetensorsCheckpoint)}
+            mapped = {src for src in inputs if plan.sources[src].maps_files}
             streamed: set[int] = set()  # maps the computing threads fault in and release behind them
             if job.nbytes <= budget.limit:  # ...then fill their page tables here, not in the computing threads
                 for src in mapped:

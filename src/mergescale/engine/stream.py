@@ -36,7 +36,6 @@ from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
 from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
 from mergescale.errors import NonFiniteError
-from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
 
 _DONE = object()
@@ -360,7 +359,7 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None
                 if not budget.acquire(read.nbytes):  # before reading: nothing is allocated while waiting
                     return
                 # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map)
-                t = source.map(read.name) if isinstance(source, SafetensorsCheckpoint) else source.read(read.name)
+                t = source.map(read.name)
                 read_q.put((j, r, t, read.nbytes))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks

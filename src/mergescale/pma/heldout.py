@@ -20,6 +20,7 @@ import torch
 
 from mergescale.errors import InputModelError, NonFiniteScoreWarning, TaskError
 from mergescale.io.checkpoint import open_checkpoint
+from mergescale.io.sources import is_dcp
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -62,7 +63,7 @@ def load_causal_lm(
 
     folder = Path(folder)
     check_remote_code(folder, trust_remote_code=trust_remote_code)
-    if config is None and (folder / "config.json").is_file() and not (folder / ".metadata").is_file():
+    if config is None and (folder / "config.json").is_file() and not is_dcp(folder):
         return AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
         ).eval()
