@@ -127,9 +127,7 @@ def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
         return
     if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise NonFiniteError(
-            f"{label}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
-        )
+        raise NonFiniteError(f"{label}: tensor {name!r} contains {bad} values", in_input=True)
 
 
 @contextmanager

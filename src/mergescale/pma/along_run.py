@@ -214,9 +214,10 @@ def _run_batch(
         sliding = SlidingPlan(build_plan(sources, labels, outputs), groups_for(batch, index))
         stats = run_sliding(sliding, device=device, check_finite=True, progress=progress, workers=workers)
     except NonFiniteError as exc:
-        message = str(exc).split(" (pass --allow-nonfinite")[0]
+        if not exc.in_input:
+            raise
         raise NonFiniteError(
-            f"{message}; a diverged checkpoint is never averaged: end the curve before it or see "
+            f"{exc}; a diverged checkpoint is never averaged: end the curve before it or see "
             f"`mergescale pma recover`"
         ) from None
     finally:

@@ -453,10 +453,10 @@ def _stream(
         plan = build_plan(sources, labels, outputs)
         stats = run_plan(plan, device=device, check_finite=True, progress=progress)
     except NonFiniteError as exc:
-        # never average a spiked checkpoint; the engine's hint (--allow-nonfinite) does not apply here
-        message = str(exc).split(" (pass --allow-nonfinite")[0]
+        if not exc.in_input:
+            raise
         raise NonFiniteError(
-            f"{message}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
+            f"{exc}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
             f"or see `mergescale pma recover`"
         ) from None
     finally:
