@@ -26,7 +26,7 @@ import torch
 from mergescale.errors import ConfigError, InputModelError, TensorMismatchError
 from mergescale.io.checkpoint import TensorInfo, TensorSource
 from mergescale.io.writer import TensorSink
-from mergescale.methods.base import MergeMethod, ParamValue
+from mergescale.methods.base import MergeMethod, ParamValue, TensorParams
 
 if TYPE_CHECKING:
     from mergescale.vocabulary import VocabularyAlignment
@@ -401,8 +401,29 @@ def _product(
         vocabulary=vocab if floating else None,
     )
     if floating:
+        _check_params(out, product)
         product.coefficients = _coefficients(out, product, ot.name)
     return product, refs
+
+
+def _check_params(out: OutputSpec, product: Product) -> None:
+    """Run the method's parameter checks for this tensor, before anything is read (see MergeMethod.check_params);
+    a linear method's coefficients are its check, whether or not the engine then uses them."""
+    method = out.method
+    if method.check_params is not None:
+        method.check_params(
+            TensorParams(
+                name=product.name,
+                k=len(product.models),
+                has_base=product.base is not None,
+                model_params=product.model_params,
+                params=product.params,
+                base_params=product.base_params,
+                statistics=frozenset(product.statistics),
+            )
+        )
+    if method.linear_coefficients is not None and (product.vocabulary is not None or product.statistics):
+        method.linear_coefficients(product.model_params, product.params, product.base_params, name=product.name)
 
 
 def _statistic_reads(

@@ -112,7 +112,32 @@ class MethodInputs:
         return g
 
 
+@dataclass(frozen=True)
+class TensorParams:
+    """What a method's parameter check sees for one output tensor: everything of :class:`MethodInputs` but the
+    data, so it runs at plan time, before any tensor is read.
+
+    Attributes:
+        name: the tensor's name.
+        k: how many models are merged (the base not counted unless the method merges it as an input).
+        has_base: whether the tensor has a base-model input.
+        model_params / params / base_params: as in :class:`MethodInputs`.
+        statistics: the kinds of statistics this tensor has (data-aware methods).
+    """
+
+    name: str
+    k: int
+    has_base: bool
+    model_params: Sequence[dict[str, ParamValue]]
+    params: dict[str, ParamValue]
+    base_params: dict[str, ParamValue] | None = None
+    statistics: frozenset[str] = frozenset()
+
+
 MethodFn = Callable[[MethodInputs], torch.Tensor]
+ParamsCheckFn = Callable[[TensorParams], None]
+"""Raises :class:`~mergescale.errors.ConfigError` (naming the method and tensor) for parameters the method
+cannot use on this tensor; returns None otherwise."""
 LinearCoefficientsFn = Callable[..., tuple[list[float], float]]
 """``(model_params, params, base_params, *, name)`` -> (coefficient of each model, coefficient of the base);
 ``name`` is the tensor's, for error messages."""
@@ -140,6 +165,10 @@ class MergeMethod:
         statistics: kinds of per-model statistics the method reads beside the weights (``fisher``, ``gram``);
             they come from a calibration run (:mod:`mergescale.calibration`) and reach the method as
             :attr:`MethodInputs.statistics`.
+        check_params: the checks of parameter combinations that single-parameter bounds (:class:`ParamSpec`)
+            cannot express (DELLA's density ± epsilon, a weight sum to divide by); the plan runs it on every
+            tensor before the first read, so a bad combination never fails halfway through a merge. Methods
+            with ``linear_coefficients`` are checked by computing them.
     """
 
     name: str
@@ -154,6 +183,7 @@ class MergeMethod:
     linear_coefficients: LinearCoefficientsFn | None = None
     merges_base: bool = False
     statistics: tuple[str, ...] = ()
+    check_params: ParamsCheckFn | None = None
     doc: str = field(default="", compare=False)
 
     def __call__(self, inputs: MethodInputs) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
+from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, TensorParams
 
 
 def fisher_merge(inputs: MethodInputs) -> torch.Tensor:
@@ -42,6 +42,13 @@ def fisher_merge(inputs: MethodInputs) -> torch.Tensor:
     return thetas.mul_(scores).sum(dim=0).div_(scores.sum(dim=0))
 
 
+def check_params(tp: TensorParams) -> None:
+    """Without Fisher statistics (a tensor calibration did not cover) the merge is Σ wᵢθᵢ / Σ wᵢ: the weights
+    must not sum to zero."""
+    if "fisher" not in tp.statistics and sum(float(p.get("weight", 1.0)) for p in tp.model_params) == 0:
+        raise ConfigError(f"fisher: tensor {tp.name!r}: model weights sum to 0")
+
+
 METHOD = MergeMethod(
     name="fisher",
     fn=fisher_merge,
@@ -50,6 +57,7 @@ METHOD = MergeMethod(
     global_params=(ParamSpec("fisher_floor", float, 1e-6, low=0.0, low_open=True, doc="lower bound of Fisher values"),),
     min_models=1,
     statistics=("fisher",),
+    check_params=check_params,
     reference="https://arxiv.org/abs/2111.09832",
     doc=__doc__ or "",
 )

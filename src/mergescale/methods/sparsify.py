@@ -197,14 +197,20 @@ def _dare_(
     return 1.0 / density if by_density else _l1_factor(before, after)
 
 
+def check_della_range(density: float, epsilon: float, where: str) -> None:
+    """DELLA's keep probabilities span density ± epsilon: the range must lie inside (0, 1). A density of 1 keeps
+    everything and draws no probabilities, so it is not checked."""
+    if density < 1.0 and (density + epsilon >= 1.0 or density - epsilon <= 0.0):
+        raise ConfigError(
+            f"{where}: della needs density ± epsilon inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
+        )
+
+
 def _della_keep_mask(
     tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, where: str
 ) -> torch.Tensor:
     """DELLA's MagPrune keep mask: keep probability grows linearly with the magnitude rank within each row."""
-    if density + epsilon >= 1.0 or density - epsilon <= 0.0:
-        raise ConfigError(
-            f"{where}: della needs density ± epsilon inside (0, 1), got density={density:g}, epsilon={epsilon:g}"
-        )
+    check_della_range(density, epsilon, where)
     rows = tau if tau.dim() >= 2 else tau.reshape(1, -1)  # (R, C, ...) ranks are taken along dim 1
     cols = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)  # (R, C, ...) ascending magnitude

@@ -52,9 +52,9 @@ from functools import partial
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue
+from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue, TensorParams
 from mergescale.methods.linear import ZERO_SUM
-from mergescale.methods.sparsify import RANDOM, KeepRule, Sparsification, prepare_
+from mergescale.methods.sparsify import RANDOM, KeepRule, Sparsification, check_della_range, prepare_
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,20 @@ _GAMMA = ParamSpec("gamma", float, 0.01, low=0.0, high=1.0, doc="breadcrumbs: fr
 _EPSILON = ParamSpec("epsilon", float, 0.15, low=0.0, high=1.0, high_open=True, doc="della: keep-probability spread")
 
 
+def check_params(tp: TensorParams, *, preset: Preset) -> None:
+    """The plan-time checks of :func:`merge_task_vectors`: a base, a weight sum to divide by (``normalize``
+    without consensus), DELLA's density ± epsilon inside (0, 1) for every model it prunes."""
+    where = f"{preset.name}: tensor {tp.name!r}"
+    if not tp.has_base:
+        raise ConfigError(f"{where}: needs base_model")
+    if not preset.consensus:
+        weights = [float(p["weight"]) for p in tp.model_params]
+        _normalize_divisor(weights, bool(tp.params.get("normalize", preset.default_normalize)), where)
+    if preset.sparsification == "della_magprune":
+        for i, p in enumerate(tp.model_params):
+            check_della_range(float(p.get("density", 1.0)), float(p.get("epsilon", 0.15)), f"{where}, model {i}")
+
+
 def _method(preset: Preset) -> MergeMethod:
     model_params = _MODEL_PARAMS
     if preset.sparsification == "magnitude_outliers":
@@ -276,6 +290,7 @@ def _method(preset: Preset) -> MergeMethod:
         randomized=randomized,
         reference=preset.reference,
         linear_coefficients=linear,
+        check_params=partial(check_params, preset=preset),
         doc=__doc__ or "",
     )
 
