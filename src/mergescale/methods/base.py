@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -140,6 +140,10 @@ class MergeMethod:
         statistics: kinds of per-model statistics the method reads beside the weights (``fisher``, ``gram``);
             they come from a calibration run (:mod:`mergescale.calibration`) and reach the method as
             :attr:`MethodInputs.statistics`.
+        blocked: for methods that can run over row blocks of a tensor (:mod:`mergescale.methods.blocked`),
+            ``blocked(meta)`` gives the tensor's blocked merge, or None where this configuration cannot block;
+            the engine then merges large tensors within a memory budget instead of stacking every input. Must
+            give ``fn``'s result bit for bit, whatever the blocks.
     """
 
     name: str
@@ -154,6 +158,7 @@ class MergeMethod:
     linear_coefficients: LinearCoefficientsFn | None = None
     merges_base: bool = False
     statistics: tuple[str, ...] = ()
+    blocked: Callable[..., Any] | None = field(default=None, compare=False)
     doc: str = field(default="", compare=False)
 
     def __call__(self, inputs: MethodInputs) -> torch.Tensor:
