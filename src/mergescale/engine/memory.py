@@ -167,6 +167,18 @@ def whole_bytes(product: Product) -> int:
     return 4 * numel * inputs
 
 
+def stacked_working_bytes(blockable: bool, k: int, numel: int) -> int:
+    """Working memory of a stacked method on a tensor of ``numel`` entries with ``k`` models and a base, with
+    the engine's defaults (no ``max_memory``), when the shape is not known: its whole stack (k + 2 float32
+    tensors: the models, the base, the result) when that fits :data:`WHOLE_BYTES` or it cannot block; else one
+    block and what the method keeps across blocks (at most 4 bytes for 2.5 % of each model's entries: the
+    selection's candidates; DARE keeps less)."""
+    whole = 4 * numel * (k + 2)
+    if not blockable or 4 * numel * (k + 1) <= WHOLE_BYTES:
+        return whole
+    return min(whole, BLOCK_BYTES + int(0.1 * k * numel))
+
+
 def plan_memory(
     plan: MergePlan,
     *,
