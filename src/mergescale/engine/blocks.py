@@ -81,6 +81,11 @@ def run_blocked(
 ) -> torch.Tensor:
     """Merge one tensor block by block into ``out``.
 
+    On the CPU a block's model rows are handed to the method as read (populated pages of the maps, converted
+    piece by piece into cache-sized scratch, :class:`~mergescale.methods.blocked.Block`), and only the base's
+    rows are converted to float32 up front; methods that need whole float32 rows (``materialize``) and other
+    devices get every input's rows converted (to the device) instead.
+
     Args:
         merge: the product's blocked merge.
         rows_per_block: rows of dim 0 per block (the plan's).
@@ -88,10 +93,10 @@ def run_blocked(
         mapped: per input (models, then the base), whether it views a file map whose pages may be dropped.
         out: the result (output dtype, CPU), written block by block.
         device: where blocks are converted and merged.
-        check: ``check(input, rows)``, called once per block of every input with its float32 rows (the finite
-            check); input indexes ``models`` then the base.
-        executor / workers: threads to share independent work with (converting inputs, the method's models
-            and column ranges): the caller's thread and ``workers - 1`` of the executor's.
+        check: ``check(input, rows)``, called once per block of every input with its rows (the finite check);
+            input indexes ``models`` then the base.
+        executor / workers: threads to share independent work with (populating and converting inputs, the
+            method's models and column ranges): the caller's thread and ``workers - 1`` of the executor's.
     """
     run = runner(executor, workers)
     k = len(models)
@@ -105,36 +110,52 @@ def run_blocked(
     sources = [s.reshape(rows, *row_shape) for s in sources]
     bounds = block_bounds(rows, rows_per_block, merge.row_multiple)
     size = max(b - a for a, b in bounds)
-    buf = torch.empty((len(sources), size, *row_shape), dtype=torch.float32, device=device)  # (k+1, r, ...)
+    lazy = device.type == "cpu" and not merge.materialize
+    converted = 1 if lazy else len(sources)  # the base only, or every input
+    buf = torch.empty((converted, size, *row_shape), dtype=torch.float32, device=device)  # (·, r, ...)
     checked: set[int] = set()
     out_rows = out.reshape(rows, *row_shape)
 
-    def convert(i: int, start: int, stop: int) -> torch.Tensor:
-        src = sources[i][start:stop]  # (r, ...) stored dtype, CPU
-        if mapped[i]:
-            populate_map(src)
-        dst = buf[i, : stop - start]
-        dst.copy_(src)  # converts while copying (to the device too)
-        if mapped[i]:
-            release_pages(src)
-        return dst
+    def release(start: int, stop: int) -> None:
+        for i, s in enumerate(sources):
+            if mapped[i]:
+                release_pages(s[start:stop])
 
     def fill(start: int, stop: int) -> Block:
         first = check is not None and start not in checked
+        r = stop - start
 
         def one(i: int) -> None:
-            dst = convert(i, start, stop)
+            src = sources[i][start:stop]  # (r, ...) stored dtype, CPU
+            if mapped[i]:
+                populate_map(src)
+            if not lazy:
+                rows_in = buf[i, :r].copy_(src)  # converts while copying (to the device too)
+                if mapped[i]:
+                    release_pages(src)
+            elif i == k:
+                rows_in = buf[0, :r].copy_(src)  # the base, float32
+            else:
+                rows_in = src  # read piece by piece by the method; checked as stored
             if first:
-                check(i, dst)  # type: ignore[misc]
+                check(i, rows_in)  # type: ignore[misc]
 
         run(one, len(sources))
         checked.add(start)
-        r = stop - start
-        return Block(start, stop, start * flat_row, buf[:k, :r], buf[k, :r] if base is not None else None,
-                     run=run, workers=workers)  # fmt: skip
+        offset = start * flat_row
+        if lazy:
+            b = buf[0, :r] if base is not None else None
+            return Block(start, stop, offset, b, sources=[sources[i][start:stop] for i in range(k)],
+                         numel=r * flat_row, device=device, run=run, workers=workers)  # fmt: skip
+        return Block(start, stop, offset, buf[k, :r] if base is not None else None, tensors=buf[:k, :r], run=run,
+                     workers=workers)  # fmt: skip
 
     def emit(block: Block, result: torch.Tensor) -> None:
-        out_rows[block.start : block.stop].copy_(result)
+        out_rows[block.start : block.stop].copy_(result.reshape(block.stop - block.start, *row_shape))
+
+    def done(block: Block) -> None:
+        if lazy:
+            release(block.start, block.stop)
 
     def gather(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         order = positions.argsort()
@@ -163,5 +184,5 @@ def run_blocked(
         run(one, len(sources))
         return torch.stack(got[:k]), (got[k] if base is not None else None)
 
-    drive(merge, bounds, fill, emit, gather)
+    drive(merge, bounds, fill, emit, gather, done)
     return out

@@ -150,12 +150,15 @@ def blocked_merge(spec: OutputSpec, product: Product, device: torch.device) -> B
     return method.blocked(meta)
 
 
-def block_row_bytes(product: Product, merge: BlockedMerge) -> int:
-    """Working bytes per row of a block: float32 rows of every input, the method's temporaries, and the
-    mapped input pages of the row being converted (one input at a time)."""
+def block_row_bytes(product: Product, merge: BlockedMerge, device: torch.device) -> int:
+    """Working bytes per row of a block. On the CPU: the populated pages of every input's rows, the base's rows
+    in float32 and the method's temporaries (models are converted piece by piece into cache-sized scratch);
+    elsewhere, or for methods that need whole rows (``materialize``), float32 rows of every input besides."""
     row = _row_numel(product.shape)
     inputs = len(product.models) + (product.base is not None)
-    return row * (4 * inputs + int(4 * merge.temporaries) + product.dtype.itemsize)
+    pages = inputs * product.dtype.itemsize
+    converted = 4 if device.type == "cpu" and not merge.materialize else 4 * inputs
+    return row * (pages + converted + int(4 * merge.temporaries))
 
 
 def whole_bytes(product: Product) -> int:
@@ -259,7 +262,7 @@ def _plan_job(
         if fits:
             continue
         p = job.products[i]
-        per_row = block_row_bytes(p, merge)
+        per_row = block_row_bytes(p, merge, device)
         pm.mode, pm.merge, pm.work = "blocked", merge, 0
         # the block's rows within BLOCK_BYTES and what the budget leaves besides the method's state
         room = BLOCK_BYTES if limit is None else min(BLOCK_BYTES, limit - need() - merge.state_bytes)

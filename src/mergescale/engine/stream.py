@@ -386,13 +386,17 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, lazy: S
                 if not budget.acquire(read.nbytes):  # before reading: nothing is allocated while waiting
                     return
                 # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map); inputs
-                # of blocked products only are not populated: blocks map their pages in and drop them again
-                mapped = isinstance(source, SafetensorsCheckpoint) and read.nbytes > 0 and hasattr(mmap, "MAP_PRIVATE")
-                if isinstance(source, SafetensorsCheckpoint):
-                    t = source.map(read.name, populate=r not in lazy[j])
+                # of blocked products are not populated: blocks map their pages in and drop them again (only
+                # for maps known to be private file maps: dropping anonymous pages would lose them)
+                mapped = (r in lazy[j] and type(source).map is SafetensorsCheckpoint.map and read.nbytes > 0
+                          and hasattr(mmap, "MAP_PRIVATE"))  # fmt: skip
+                if mapped:
+                    t = source.map(read.name, populate=False)
+                elif isinstance(source, SafetensorsCheckpoint):
+                    t = source.map(read.name)
                 else:
                     t = source.read(read.name)
-                read_q.put((j, r, t, read.nbytes, mapped and r in lazy[j]))
+                read_q.put((j, r, t, read.nbytes, mapped))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
         read_q.put(exc)

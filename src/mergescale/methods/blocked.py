@@ -87,41 +87,88 @@ def sequential(fn: Callable[[int], None], n: int) -> None:
         fn(i)
 
 
-@dataclass
 class Block:
-    """Rows ``[start, stop)`` of dim 0 of every input, in float32, owned by the method for the call.
+    """Rows ``[start, stop)`` of dim 0 of every input, for one call of a blocked merge.
+
+    The base's rows are float32 (``base``, or None). The models' rows are either materialized as a float32
+    ``(k, r, *shape[1:])`` tensor, or kept as read (the engine's memory-mapped rows in their stored dtype) and
+    converted piece by piece into the caller's scratch buffers when asked for, so a pass reads each input once
+    from memory and works on cache-sized pieces. Either way, :meth:`piece`, :meth:`chunk` and :meth:`model` give
+    float32 tensors the method may modify; only on a materialized block do the changes last (the tensor's only
+    block, handed back with ``fresh`` False after an earlier pass).
 
     Attributes:
         start / stop: the rows.
         offset: flat (row-major) index of the block's first entry.
-        tensors: ``(k, stop - start, *shape[1:])`` the merged models' rows.
-        base: ``(stop - start, *shape[1:])`` the base's rows, or None.
-        fresh: True when the block holds the inputs as read; False when it is the tensor's only block, handed
-            back after an earlier pass modified it in place.
+        numel: entries of one input's rows.
+        k: merged models.
+        fresh: True when the models' rows are as read; False when they are what an earlier pass left.
         run / workers: how to share independent work (per model, per column range) between ``workers`` threads
             (torch ops release the GIL); results must not depend on it.
     """
 
-    start: int
-    stop: int
-    offset: int
-    tensors: torch.Tensor
-    base: torch.Tensor | None
-    fresh: bool = True
-    run: Runner = sequential
-    workers: int = 1
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        offset: int,
+        base: torch.Tensor | None,
+        *,
+        tensors: torch.Tensor | None = None,
+        sources: Sequence[torch.Tensor] | None = None,
+        numel: int | None = None,
+        device: torch.device | None = None,
+        fresh: bool = True,
+        run: Runner = sequential,
+        workers: int = 1,
+    ) -> None:
+        assert (tensors is None) != (sources is None), "models' rows either materialized or as read"
+        self.start, self.stop, self.offset = start, stop, offset
+        self.base = base
+        self.tensors = tensors  # (k, r, ...) float32, materialized
+        self._sources = [s.reshape(-1) for s in sources] if sources is not None else None  # (n,) stored dtype
+        if tensors is not None:
+            self.k, self.numel = int(tensors.shape[0]), int(tensors[0].numel()) if tensors.shape[0] else 0
+            self.device = tensors.device
+        else:
+            assert sources is not None
+            self.k = len(sources)
+            self.numel = int(numel if numel is not None else self._sources[0].numel())  # type: ignore[index]
+            self.device = device if device is not None else torch.device("cpu")
+        if self.k == 0 and base is not None:
+            self.numel = int(base.numel())
+        self.fresh, self.run, self.workers = fresh, run, workers
 
     @property
-    def numel(self) -> int:
-        return int(self.tensors[0].numel()) if self.tensors.shape[0] else int(self.base.numel())  # type: ignore[union-attr]
-
-    def flat(self, i: int) -> torch.Tensor:
-        """Model ``i``'s rows, flattened (a view)."""
-        return self.tensors[i].reshape(-1)
+    def materialized(self) -> bool:
+        return self.tensors is not None
 
     def flat_base(self) -> torch.Tensor:
         assert self.base is not None
         return self.base.reshape(-1)
+
+    def piece(self, i: int, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Model ``i``'s flat entries ``[lo, hi)`` of the block, float32: a view of a materialized block, else
+        converted into ``out`` (at least ``hi - lo`` entries) or a new tensor."""
+        if self.tensors is not None:
+            return self.tensors[i].view(-1)[lo:hi]
+        assert self._sources is not None
+        dst = out[: hi - lo] if out is not None else torch.empty(hi - lo, dtype=torch.float32, device=self.device)
+        return dst.copy_(self._sources[i][lo:hi])
+
+    def chunk(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every model's flat entries ``[lo, hi)``: ``(k, hi - lo)`` float32 (a view, or converted into the
+        ``(k, ≥ hi - lo)`` buffer ``out``)."""
+        if self.tensors is not None:
+            return self.tensors.view(self.k, -1)[:, lo:hi]
+        dst = out[:, : hi - lo] if out is not None else torch.empty((self.k, hi - lo), device=self.device)
+        for i in range(self.k):
+            self.piece(i, lo, hi, dst[i])
+        return dst
+
+    def model(self, i: int) -> torch.Tensor:
+        """Model ``i``'s rows, flat float32 (a view of a materialized block, else a converted copy)."""
+        return self.piece(i, 0, self.numel)
 
 
 class BlockedMerge:
@@ -134,12 +181,15 @@ class BlockedMerge:
         state_bytes: planning: what the method keeps across blocks (selection candidates, undecided random
             entries), an estimate in bytes.
         has_statistics: whether statistics passes run before the apply pass.
+        materialize: the method needs each block's model rows as one float32 tensor (whole rows at once, kept
+            from its statistics pass for the apply pass within a block) rather than converted piece by piece.
     """
 
     row_multiple: int = 1
     temporaries: float = 0.0
     state_bytes: int = 0
     has_statistics: bool = False
+    materialize: bool = False
 
     def sample_positions(self) -> torch.Tensor | None:
         """Flat positions (int64, CPU) to read from every input before the first pass, or None."""
@@ -177,10 +227,11 @@ def drive(
     fill: Callable[[int, int], Block],
     emit: Callable[[Block, torch.Tensor], None],
     gather: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    done: Callable[[Block], None] | None = None,
 ) -> None:
     """Run ``merge`` over the blocks ``bounds``: ``fill(start, stop)`` reads a block afresh, ``emit(block,
-    rows)`` takes each block's result, ``gather(positions)`` reads the sample. With one block, that block is
-    read once and handed to every pass."""
+    rows)`` takes each block's result, ``gather(positions)`` reads the sample, ``done(block)`` is told when a
+    block's pass is over. A single materialized block is read once and handed to every pass."""
     positions = merge.sample_positions()
     if positions is not None:
         assert gather is not None, "this merge reads a sample: pass gather"
@@ -189,31 +240,49 @@ def drive(
 
     def get(start: int, stop: int) -> Block:
         nonlocal single
-        if len(bounds) > 1:
-            return fill(start, stop)
-        if single is None:
-            single = fill(start, stop)
-        else:
+        if single is not None:
             single.fresh = False
-        return single
+            return single
+        block = fill(start, stop)
+        if len(bounds) == 1 and block.materialized:
+            single = block
+        return block
+
+    def over(block: Block) -> None:
+        if done is not None and block is not single:
+            done(block)
 
     if merge.has_statistics:
         again = True
         while again:
             for start, stop in bounds:
-                merge.statistics(get(start, stop))
+                block = get(start, stop)
+                merge.statistics(block)
+                over(block)
             again = merge.end_pass()
     for start, stop in bounds:
         block = get(start, stop)
         emit(block, merge.apply(block))
+        over(block)
+    if single is not None and done is not None:
+        done(single)
 
 
-def run_in_memory(merge: BlockedMerge, inputs: MethodInputs, rows_per_block: int | None = None) -> torch.Tensor:
+def run_in_memory(
+    merge: BlockedMerge,
+    inputs: MethodInputs,
+    rows_per_block: int | None = None,
+    *,
+    lazy: bool = False,
+    workers: int = 1,
+) -> torch.Tensor:
     """Run a blocked merge over in-memory inputs; float32 result of the tensor's shape.
 
     By default the whole tensor is one block: the engine-owned stack and base themselves, modified in place as
     a method may (the engine's whole-tensor path). With ``rows_per_block`` every pass copies its blocks out of
-    the inputs, which stay untouched (tests compare this with the whole-tensor result bit for bit).
+    the inputs, which stay untouched, or with ``lazy`` hands the models' rows as read, to be converted piece by
+    piece (as the engine does from memory maps); tests compare these with the whole-tensor result bit for bit.
+    ``workers`` splits work as that many threads would (run here one after the other).
     """
     meta = TensorMeta.of(inputs)
     k = inputs.k
@@ -223,24 +292,28 @@ def run_in_memory(merge: BlockedMerge, inputs: MethodInputs, rows_per_block: int
         base = base.reshape(meta.shape) if meta.shape else base.reshape(1)
     rows = meta.rows
     bounds = block_bounds(rows, rows if rows_per_block is None else max(1, rows_per_block), merge.row_multiple)
+    whole = len(bounds) == 1 and not lazy
     out: torch.Tensor | None = None
     shape = meta.shape if meta.shape else (1,)
 
     def fill(start: int, stop: int) -> Block:
-        if len(bounds) == 1:
-            return Block(start, stop, 0, stack, base)
-        t = stack[:, start:stop].clone()
+        if whole:
+            return Block(start, stop, 0, base, tensors=stack, workers=workers)
         b = base[start:stop].clone() if base is not None else None
-        return Block(start, stop, start * meta.row_numel, t, b)
+        offset = start * meta.row_numel
+        if lazy and not merge.materialize:
+            return Block(start, stop, offset, b, sources=list(stack[:, start:stop]), device=stack.device,
+                         workers=workers)  # fmt: skip
+        return Block(start, stop, offset, b, tensors=stack[:, start:stop].clone(), workers=workers)
 
     def emit(block: Block, rows_out: torch.Tensor) -> None:
         nonlocal out
-        if len(bounds) == 1:
+        if whole:
             out = rows_out
             return
         if out is None:
             out = torch.empty(shape, dtype=torch.float32, device=rows_out.device)
-        out[block.start : block.stop] = rows_out
+        out[block.start : block.stop] = rows_out.reshape(block.stop - block.start, *shape[1:])
 
     def gather(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = positions.to(stack.device)

@@ -34,6 +34,7 @@ import torch
 SWEEP_CHUNK = 1 << 18  # entries per chunk of the sweep: a few MiB of work set, stays in cache
 _DIRECT_MAX = 1 << 16  # up to this many entries, skip the sample: every entry is a candidate
 _SAMPLE = 1 << 15
+_BIG_SAMPLE = 1 << 20  # the blocked search's sample on large tensors when no sums are needed
 # Band half-width in standard deviations of the sample quantile's rank: misses (then kthvalue over the whole
 # tensor) happen with probability ~6e-5, and the band holds ~2% of the entries.
 _Z = 4.0
@@ -70,11 +71,11 @@ class Threshold:
         return float(torch.nextafter(v, torch.tensor(-math.inf, dtype=torch.float32)))
 
 
-def _sample_indices(n: int, device: torch.device) -> torch.Tensor:
+def _sample_indices(n: int, device: torch.device, size: int = _SAMPLE) -> torch.Tensor:
     # A fixed generator: the sample only affects speed, never the result, and stays reproducible.
     g = torch.Generator(device="cpu")
     g.manual_seed(0x5EED ^ n)
-    return torch.randint(0, n, (_SAMPLE,), generator=g).to(device)
+    return torch.randint(0, n, (size,), generator=g).to(device)
 
 
 @dataclass
@@ -383,23 +384,36 @@ class TopKSearch:
         self._sums = None
         self._pass = 0  # passes resolved so far
         self._coarse = False  # this pass builds coarse histograms
+        self._positions: torch.Tensor | None = None
         if n <= _DIRECT_MAX:
             self._set_bands([(k, 0.0, math.inf) for k in ks])
 
     # -- band --------------------------------------------------------------------------------------------------
+    @property
+    def sample_size(self) -> int:
+        """The whole-tensor sweep's 2¹⁵ entries when sums are asked for (their rounding depends on the band,
+        which must then be the sweep's); otherwise up to 2²⁰ on large tensors (n/64): the band's share of the
+        entries shrinks as 1/√S, and gathering band candidates is most of a pass's cost."""
+        return _SAMPLE if self.with_sums else min(_BIG_SAMPLE, max(_SAMPLE, self.n >> 6))
+
     def sample_positions(self) -> torch.Tensor | None:
-        return None if self.bands else _sample_indices(self.n, torch.device("cpu"))
+        if self.bands:
+            return None
+        if self._positions is None:
+            self._positions = _sample_indices(self.n, torch.device("cpu"), self.sample_size)
+        return self._positions
 
     def take_sample(self, sample: torch.Tensor) -> None:
         """The entries of x at :meth:`sample_positions` (after the subtraction :meth:`feed` does)."""
         s = sample.abs().sort().values  # (S,) ascending
+        size = s.numel()
         bands = []
         for k in self.ks:
             p = k / self.n
-            center = (1.0 - p) * _SAMPLE  # the k-th largest sits at ascending rank (n - k) / n of the sample
-            half = _Z * math.sqrt(_SAMPLE * p * (1.0 - p)) + 2.0
+            center = (1.0 - p) * size  # the k-th largest sits at ascending rank (n - k) / n of the sample
+            half = _Z * math.sqrt(size * p * (1.0 - p)) + 2.0
             lo = s[max(0, math.floor(center - half))].item()
-            hi = s[min(_SAMPLE - 1, math.ceil(center + half))].item()
+            hi = s[min(size - 1, math.ceil(center + half))].item()
             bands.append((k, lo, hi))
         self._set_bands(bands)
 
@@ -463,7 +477,7 @@ class TopKSearch:
                 b.coarse += torch.bincount(bits >> _COARSE_SHIFT, minlength=b.coarse.numel())
                 continue
             torch.gt(bits, b.hi_bits, out=above[:c])
-            b.n_above += int(above[:c].sum(dtype=torch.int64))
+            b.n_above += int(torch.count_nonzero(above[:c]))
             torch.ge(bits, b.lo_bits, out=inside[:c])
             inside[:c].sub_(above[:c])  # (c,) 1 where lo <= |x| <= hi (≥ lo includes > hi)
             b.values.append(mc[nonzero_bytes(inside, c)])

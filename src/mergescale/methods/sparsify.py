@@ -32,13 +32,14 @@ blocks: thresholds and masks are exact functions of the whole tensor and its see
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.blocked import GridSum, abs_sum
-from mergescale.methods.random_masks import ByteStream, LazyBernoulli, uniform
+from mergescale.methods.blocked import Block, GridSum, abs_sum
+from mergescale.methods.random_masks import ByteStream, LazyBernoulli, pack_bits, uniform, unpack_bits
 from mergescale.methods.selection import (
     SWEEP_CHUNK,
     BlockThreshold,
@@ -84,18 +85,32 @@ def _della_keep_mask(
 # ---------------------------------------------------------------------------------------------------------------
 # the same sparsifications over blocks (blocked merging: :mod:`mergescale.methods.blocked`)
 # ---------------------------------------------------------------------------------------------------------------
+def grid_pieces(block: Block) -> Iterator[tuple[int, int]]:
+    """The block's local ``[lo, hi)`` pieces of at most :data:`SWEEP_CHUNK` entries, cut where the whole
+    tensor's chunks of that size end, so per-piece work is the same for any blocks (float sums are taken over
+    the fixed grid whatever the pieces, :class:`GridSum`)."""
+    n, offset, size = block.numel, block.offset, SWEEP_CHUNK
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + size - (offset + lo) % size)
+        yield lo, hi
+        lo = hi
+
+
 class Sparsifier:
     """What survives of one model's τ = θ − θ_base, decided over blocks that come in flat order.
 
-    ``statistics(x, base, offset, fresh)`` turns the block's θ into τ in place (when ``fresh``) and gathers what
-    the decision needs; ``end_pass()`` decides (True: another pass); ``prepare(x, base, offset, fresh)`` makes
-    the block's τ' for combining (τ again when ``fresh``, random masks applied); ``apply_(xc, start)`` then zeroes
-    the dropped entries of each chunk of it, chunks in flat order. ``scale`` is the rescale factor. The
-    identity (density 1) only computes τ.
+    ``statistics(block, i)`` gathers what the decision needs from model ``i``'s rows (on a materialized
+    block also leaving τ there in place); ``end_pass()`` decides (True: another pass). For combining,
+    ``prepare(block, i)`` is called once per block, then ``apply_(xc, bc, start)`` on each chunk of the block in
+    flat order (``xc`` the model's chunk as in the block, ``bc`` the base's): the chunk becomes τ' (τ computed
+    there when the block is fresh, so the block is swept once), its dropped entries zeroed. ``scale`` is the
+    rescale factor. The identity (density 1) only computes τ.
     """
 
     scale: float = 1.0
     has_statistics = False
+    fresh = True  # the block being combined holds θ (τ is computed chunk by chunk)
 
     def sample_positions(self) -> torch.Tensor | None:
         return None
@@ -103,19 +118,19 @@ class Sparsifier:
     def take_sample(self, tau: torch.Tensor) -> None:
         pass
 
-    def statistics(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        if fresh:
-            x.sub_(base)
+    def statistics(self, block: Block, i: int) -> None:
+        if block.materialized and block.fresh:  # τ in place, for the apply pass of this same block
+            block.model(i).sub_(block.flat_base())
 
     def end_pass(self) -> bool:
         return False
 
-    def prepare(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        if fresh:
-            x.sub_(base)
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = block.fresh
 
-    def apply_(self, xc: torch.Tensor, start: int) -> None:
-        pass
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            xc.sub_(bc)
 
     def cuts(self) -> list[tuple[int, int]]:
         """Flat ranges ``apply_`` must walk in order in one thread (see :class:`TopKApply`)."""
@@ -125,11 +140,8 @@ class Sparsifier:
 class _Nothing(Sparsifier):
     """``magnitude_outliers`` keeping ⌊density·n⌋ = 0 entries: τ' = 0."""
 
-    def statistics(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        x.zero_()
-
-    def prepare(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        x.zero_()
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        xc.zero_()
 
 
 class _Magnitude(Sparsifier):
@@ -152,12 +164,14 @@ class _Magnitude(Sparsifier):
     def take_sample(self, tau: torch.Tensor) -> None:
         self.search.take_sample(tau)
 
-    def statistics(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
+    def statistics(self, block: Block, i: int) -> None:
         if self.search.finished:  # another model asked for one more pass
-            if fresh:
-                x.sub_(base)
-            return
-        self.search.feed(x, offset, subtract=base if fresh else None)
+            return super().statistics(block, i)
+        base = block.flat_base()
+        scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
+        for lo, hi in grid_pieces(block):
+            x = block.piece(i, lo, hi, scratch)
+            self.search.feed(x, block.offset + lo, subtract=base[lo:hi] if block.fresh else None)
 
     def end_pass(self) -> bool:
         if self.search.finished:
@@ -178,17 +192,18 @@ class _Magnitude(Sparsifier):
             self.scale = _l1_factor(before, kept)
         return False
 
-    def prepare(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        if fresh:
-            x.sub_(base)
-        if offset == 0:  # the apply pass starts: walk the equal entries from the beginning
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = block.fresh
+        if block.offset == 0:  # the apply pass starts: walk the equal entries from the beginning
             self.keep = TopKApply(self._keep_t) if self._keep_t is not None else None
             self.drop = TopKApply(self._drop_t) if self._drop_t is not None else None
 
     def cuts(self) -> list[tuple[int, int]]:
         return [t.cut[:2] for t in (self._keep_t, self._drop_t) if t is not None and t.cut is not None]
 
-    def apply_(self, xc: torch.Tensor, start: int) -> None:
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            xc.sub_(bc)
         if self.keep is not None:
             self.keep.keep_(xc, start)
         if self.drop is not None:
@@ -196,12 +211,15 @@ class _Magnitude(Sparsifier):
 
 
 class _Dare(Sparsifier):
-    """``random``: keep ~ Bernoulli(density), the draw of :func:`_dare_` taken block by block.
+    """``random``: keep ~ Bernoulli(density), the draw of :func:`~.random_masks.bernoulli_mask` taken block
+    by block.
 
-    The statistics pass takes the first bytes in flat order (:class:`ByteStream`), masks τ, gathers the L1 sums
-    over the grid and the undecided entries; then the undecided ones are resolved from the generator, as the
-    whole-tensor draw does. With more than one block, the apply pass replays the first bytes from the
-    generator's saved state (same draws, no stored mask) and restores the kept undecided entries.
+    The statistics pass takes the first bytes in flat order (:class:`ByteStream`), gathers the L1 sums over the
+    grid (τ before and after the first byte's test) and the undecided entries, and keeps the first byte's
+    verdicts packed 8 to a byte (n/8 bytes: a 32nd of the model's float32 tensor; not for a tensor that is one
+    materialized block, whose τ' stays in place); then the undecided ones are resolved from the generator, as
+    the whole-tensor draw does. The apply pass of a fresh block unpacks the verdicts, and the kept undecided
+    entries get their τ back. Blocks start at multiples of 8 entries (``row_multiple``), so each is packed alone.
     """
 
     has_statistics = True
@@ -209,10 +227,9 @@ class _Dare(Sparsifier):
     def __init__(self, n: int, density: float, generator: torch.Generator, rescale: bool, by_density: bool) -> None:
         self.n, self.density, self.rescale, self.by_density = n, density, rescale, by_density
         self.l1 = rescale and not by_density
-        self.state = generator.get_state()
         self.draw = LazyBernoulli(n, density, generator, draw=False)
         self.stream = ByteStream(generator)
-        self.replay: ByteStream | None = None
+        self.bits: torch.Tensor | None = None  # (⌈n/8⌉,) uint8: the first byte's keep verdicts, packed
         self.before = GridSum(n, abs_sum)
         self.after = GridSum(n, abs_sum)
         self.tied_pos: list[torch.Tensor] = []
@@ -221,36 +238,39 @@ class _Dare(Sparsifier):
         self.kept_val = torch.empty(0)
         self.done = False
 
-    def statistics(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
+    def statistics(self, block: Block, i: int) -> None:
         if self.done:
-            if fresh:
-                x.sub_(base)
-            return
-        n = x.numel()
-        first = self.stream.take(n).to(x.device)  # (n,) uint8, this block's first bytes
+            return super().statistics(block, i)
+        n = block.numel
+        base = block.flat_base()
+        first = self.stream.take(n).to(block.device)  # (n,) uint8, this block's first bytes
         digit = self.draw.digit
-        step = min(SWEEP_CHUNK, n) if x.device.type == "cpu" else n
-        keep = torch.empty(step, dtype=torch.float32, device=x.device)  # (step,) 1.0 keep / 0.0 drop
-        flags = torch.empty(round8(step), dtype=torch.uint8, device=x.device)  # (step,) 1 where undecided
-        pos = 0
-        while pos < n:
-            g = offset + pos
-            end = min(n, pos + SWEEP_CHUNK - g % SWEEP_CHUNK) if self.l1 or x.device.type == "cpu" else n
-            xc = x[pos:end]  # (c,) view
-            c = end - pos
-            xc.sub_(base[pos:end])  # τ
+        step = min(SWEEP_CHUNK, n)
+        scratch = None if block.materialized else torch.empty(step, device=block.device)
+        keep = torch.empty(step, dtype=torch.uint8, device=block.device)  # (step,) 1 keep / 0 drop
+        flags = torch.empty(round8(step), dtype=torch.uint8, device=block.device)  # (step,) 1 where undecided
+        whole = block.materialized and block.offset == 0 and n == self.n  # τ' stays in place for the apply
+        if self.bits is None and not whole:
+            self.bits = torch.empty((self.n + 7) // 8, dtype=torch.uint8, device=block.device)
+        for lo, hi in grid_pieces(block):
+            g = block.offset + lo
+            xc = block.piece(i, lo, hi, scratch)  # (c,)
+            c = hi - lo
+            xc.sub_(base[lo:hi])  # τ
             if self.l1:
                 self.before.feed(xc, g)
-            bc = first[pos:end]
+            bc = first[lo:hi]
             torch.eq(bc, digit, out=flags[:c])
             tied = nonzero_bytes(flags, c)  # (u,) undecided after the first byte
             if tied.numel():
                 self.tied_val.append(xc[tied])
                 self.tied_pos.append(tied.add_(g))
-            xc.mul_(torch.lt(bc, digit, out=keep[:c]))
+            torch.lt(bc, digit, out=keep[:c])
+            xc.mul_(keep[:c])
+            if self.bits is not None:
+                self.bits[g // 8 : (g + c + 7) // 8] = pack_bits(keep[:c])
             if self.l1:
                 self.after.feed(xc, g)
-            pos = end
 
     def end_pass(self) -> bool:
         if self.done:
@@ -268,29 +288,24 @@ class _Dare(Sparsifier):
             self.scale = 1.0 / self.density if self.by_density else _l1_factor(self.before.value, after)
         return False
 
-    def prepare(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        n = x.numel()
-        if fresh:
-            if self.replay is None or offset == 0:
-                g = torch.Generator(device="cpu")
-                g.set_state(self.state)
-                self.replay = ByteStream(g)
-            first = self.replay.take(n).to(x.device)
-            digit = self.draw.digit
-            step = min(SWEEP_CHUNK, n) if x.device.type == "cpu" else n
-            for s in range(0, n, step):
-                xc = x[s : s + step]
-                xc.sub_(base[s : s + step]).mul_(first[s : s + step] < digit)
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            assert self.bits is not None
+            c, skip = xc.numel(), start % 8
+            keep = unpack_bits(self.bits[start // 8 : (start + c + 7) // 8], skip + c)[skip:]  # (c,) 0/1
+            xc.sub_(bc).mul_(keep)
         # the kept undecided entries (zeroed by the first byte's test) get their τ back
-        lo, hi = torch.searchsorted(self.kept_pos, torch.tensor([offset, offset + n], device=self.kept_pos.device)).tolist()
+        bounds = torch.tensor([start, start + xc.numel()], device=self.kept_pos.device)
+        lo, hi = torch.searchsorted(self.kept_pos, bounds).tolist()
         if hi > lo:
-            x[self.kept_pos[lo:hi] - offset] = self.kept_val[lo:hi].to(x.device)
+            xc[self.kept_pos[lo:hi] - start] = self.kept_val[lo:hi].to(xc.device)
 
 
 class _Della(Sparsifier):
     """``della_magprune``: keep probabilities from magnitude ranks within rows (dim 1), so a block of whole
     rows decides alone; the uniforms come from the model's generator in flat order (replayed from its saved
-    state in the apply pass when there is more than one block). The L1 sums are taken over the grid."""
+    state in the apply pass of a fresh block). Needs materialized blocks (whole rows, and τ' made once per
+    block). The L1 sums are taken over the grid."""
 
     has_statistics = True
 
@@ -309,31 +324,22 @@ class _Della(Sparsifier):
         self.after = GridSum(n, abs_sum)
         self.done = False
 
-    def _rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The block's flat τ as della's rows: (r, C, ...); a 1-D tensor (one block) is one row."""
-        if len(self.shape) >= 2:
-            return x.view(rows, *self.shape[1:])
-        return x.view(1, -1)
+    def _mask_(self, tau: torch.Tensor, generator: torch.Generator) -> None:
+        """τ ← τ·keep for the block's flat τ, della's rows (r, C, ...); a 1-D tensor (one block) is one row."""
+        rows = tau.view(-1, *self.shape[1:]) if len(self.shape) >= 2 else tau.view(1, -1)
+        tau.mul_(_della_keep_mask(rows, self.density, self.epsilon, generator, "").view(-1))
 
-    def _mask_(self, tau: torch.Tensor, rows: int, generator: torch.Generator) -> None:
-        r = self._rows(tau, rows)
-        tau.mul_(_della_keep_mask(r, self.density, self.epsilon, generator, "").view(-1))
-
-    def statistics(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
+    def statistics(self, block: Block, i: int) -> None:
         if self.done:
-            if fresh:
-                x.sub_(base)
-            return
-        x.sub_(base)
+            return super().statistics(block, i)
+        assert block.materialized, "della needs materialized blocks"
+        x = block.model(i)
+        x.sub_(block.flat_base())
         if self.rescale:
-            self.before.feed(x, offset)
-        self._mask_(x, self._block_rows(x), self.generator)
+            self.before.feed(x, block.offset)
+        self._mask_(x, self.generator)
         if self.rescale:
-            self.after.feed(x, offset)
-
-    def _block_rows(self, x: torch.Tensor) -> int:
-        per_row = math.prod(self.shape[1:]) if len(self.shape) >= 2 else x.numel()
-        return x.numel() // max(per_row, 1)
+            self.after.feed(x, block.offset)
 
     def end_pass(self) -> bool:
         if not self.done:
@@ -342,14 +348,16 @@ class _Della(Sparsifier):
                 self.scale = _l1_factor(self.before.value, self.after.value)
         return False
 
-    def prepare(self, x: torch.Tensor, base: torch.Tensor, offset: int, fresh: bool) -> None:
-        if not fresh:
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = False  # τ' made here, for the whole block: ranks need whole rows
+        if not block.fresh:
             return
-        if self.replay is None or offset == 0:
+        if self.replay is None or block.offset == 0:
             self.replay = torch.Generator(device="cpu")
             self.replay.set_state(self.state)
-        x.sub_(base)
-        self._mask_(x, self._block_rows(x), self.replay)
+        x = block.model(i)
+        x.sub_(block.flat_base())
+        self._mask_(x, self.replay)
 
 
 def sparsifier(

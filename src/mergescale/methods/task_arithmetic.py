@@ -45,6 +45,7 @@ broken by index (mergekit: unstable sort order).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -161,7 +162,7 @@ class TaskVectorMerge(BlockedMerge):
                 mp, params, name=meta.name, default_normalize=preset.default_normalize, method=preset.name
             )
         n = meta.numel
-        self.rules: list[Sparsifier] = [Sparsifier()] * k
+        self.rules: list[Sparsifier] = [Sparsifier() for _ in range(k)]
         if self.sparse:
             self.rules = [
                 sparsifier(
@@ -180,12 +181,15 @@ class TaskVectorMerge(BlockedMerge):
             ]
         self.has_statistics = any(r.has_statistics for r in self.rules)
         if self.sparse and preset.sparsification == "della_magprune":
+            self.materialize = True  # ranks need whole rows
             self.temporaries = 7.0  # per model in turn: argsort order and ranks (int64), probabilities, uniforms
             if len(meta.shape) < 2:
                 self.row_multiple = max(1, meta.rows)  # della ranks a 1-D tensor as one row: one block
         elif self.sparse and preset.sparsification == "random":
             self.temporaries = 0.25  # one model's first random bytes
-            self.state_bytes = k * n * 12 // 256  # undecided entries: ~1/256 of each model's, position and value
+            # the first byte's verdicts, packed, and the undecided entries (~1/256 of them: position and value)
+            self.state_bytes = k * (n // 8 + n * 12 // 256)
+            self.row_multiple = 8 // math.gcd(meta.row_numel, 8)  # packed verdicts: blocks start on bytes
         if self.sparse and preset.sparsification in ("magnitude", "magnitude_outliers"):
             self.state_bytes = int(k * n * 4 * 0.025)  # candidates around each threshold: ~2 % of the entries
         self._lam_over = 0.0
@@ -207,8 +211,7 @@ class TaskVectorMerge(BlockedMerge):
                 rule.take_sample(tensors[i] - base)
 
     def statistics(self, block: Block) -> None:
-        base = block.flat_base()
-        block.run(lambda i: self.rules[i].statistics(block.flat(i), base, block.offset, block.fresh), self.k)
+        block.run(lambda i: self.rules[i].statistics(block, i), self.k)
 
     def end_pass(self) -> bool:
         again = False
@@ -220,15 +223,14 @@ class TaskVectorMerge(BlockedMerge):
     def apply(self, block: Block) -> torch.Tensor:
         k = self.k
         base = block.flat_base()  # (n,) θ_base of the block, overwritten by the result
-        stack = block.tensors.reshape(k, -1)  # (k, n) θᵢ of the block; engine-owned, modified in place
-        dev = stack.device
+        dev = block.device
         if self.linear is not None:
             coefs, c_base = self.linear
             c = torch.tensor(coefs, dtype=torch.float32, device=dev)  # (k,)
+            stack = block.chunk(0, block.numel)  # (k, n) θᵢ
             base.addmv_(stack.T, c, beta=c_base)  # (n,) c_base·θ_base + Σ cᵢθᵢ, in place
             return block.base  # type: ignore[return-value]
-        if self.sparse:
-            block.run(lambda i: self.rules[i].prepare(stack[i], base, block.offset, block.fresh), k)
+        block.run(lambda i: self.rules[i].prepare(block, i), k)
         coefs = [w * r.scale for w, r in zip(self.weights, self.rules, strict=True)]  # δᵢ = coefsᵢ·τ'ᵢ
         if self.preset.consensus:
             merge = _DisjointMerge(coefs, self.weights, self.normalize, dev)
@@ -238,14 +240,13 @@ class TaskVectorMerge(BlockedMerge):
         step = _chunk_columns(n, k, dev)
 
         def combine(lo: int, hi: int) -> None:
+            scratch = None if block.materialized else torch.empty((k, min(step, hi - lo)), device=dev)
             for s in range(lo, hi, step):
                 e = min(hi, s + step)
-                cols = stack[:, s:e]  # (k, c) view
+                cols = block.chunk(s, e, scratch)  # (k, c) θᵢ, a view or converted
                 chunk = base[s:e]  # (c,) θ_base, overwritten by the result
-                if not self.sparse:
-                    cols.sub_(chunk)  # τᵢ (dense TIES: consensus without trimming)
                 for i, rule in enumerate(self.rules):
-                    rule.apply_(cols[i], block.offset + s)
+                    rule.apply_(cols[i], chunk, block.offset + s)  # τ'ᵢ
                 if self.preset.consensus:
                     chunk.add_(merge(cols), alpha=self.lam)
                 else:
