@@ -48,8 +48,11 @@ CASES = [
     ("della", {"density": 0.4, "epsilon": 0.1}, {}),
     ("della_linear", {"density": 0.5}, {"rescale": False}),
     ("task_arithmetic", {}, {"lambda": 0.7}),
+    ("ram", {}, {"epsilon": 0.004}),
+    ("ramplus_tl", {}, {"epsilon": 0.004, "r": 0.3}),
+    ("nearswap", {}, {"t": 0.005}),
 ]
-MODELS: dict[str, int] = {}  # models per case where not 3
+MODELS: dict[str, int] = {"nearswap": 1}  # models per case where not 3
 SHAPES = [
     ((300, 70), False),  # below the sampling threshold: every entry a candidate
     ((700, 400), False),  # 280,000 entries: the sampled band, and more than one grid chunk of sums
@@ -92,7 +95,7 @@ def test_blocked_methods_are_the_task_arithmetic_family():
     """The methods that declare a blocked form (the rest keep the whole-tensor path, docs/performance.md)."""
     assert {name for name in METHODS.names() if METHODS.get(name).blocked is not None} == {
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear",
+        "della_linear", "ram", "ramplus_tl", "nearswap",
     }
 
 
