@@ -14,6 +14,13 @@ warm page cache (the checkpoints are read once beforehand):
     nice -n 10 python benchmarks/pma_speed.py                  # 3 repeats, medians
     nice -n 10 python benchmarks/pma_speed.py --repeats 1 --no-mergekit --no-naive
     python benchmarks/pma_speed.py --cold        # checkpoints evicted from the page cache before every run
+    # issue #15's numbers, against another checkout's code in the same run:
+    python benchmarks/pma_speed.py --repeats 3 --no-mergekit --no-naive --only "N=10,along,read29" \
+        --against /path/to/other/checkout/src
+
+Repeats are interleaved (every contender once, then again), each run reports its wall time, CPU time (user +
+system, what a shared machine's load inflates least) and peak RSS, and the load average is printed after each
+round: on a shared machine compare ratios from one run, not absolute times across runs.
 
 Acceptance (issue #5): one SMA of 10 ≤ 2 × (read10+write1), peak RSS ≤ 1.5 GB and not growing with N.
 Acceptance (issue #15): the along-run curve of T = 20 windows of N = 10 ≤ 3 × one SMA of 10 (whole process),
@@ -27,10 +34,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,11 +50,43 @@ from _common import (  # noqa: E402
     llama_config,
     machine,
     median,
-    run_process,
     write_random_llama,
 )
 
 STEP = 1000
+AGAINST = " [against]"
+
+
+@dataclass
+class TimedRun:
+    seconds: float
+    cpu_seconds: float  # user + system of the process and its children: what the load does not inflate much
+    peak_rss_gb: float
+    returncode: int
+    output: str
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys, time;"
+    "t = time.perf_counter();"
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True);"
+    "dt = time.perf_counter() - t;"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+    "sys.stdout.write(r.stdout[-3000:]);"
+    "print('\\n@@', dt, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)"
+)
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> TimedRun:
+    """Run ``cmd`` as a whole process: wall time, CPU time and peak RSS (getrusage) of that process alone."""
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})  # fmt: skip
+    last = [line for line in out.stdout.splitlines() if line.startswith("@@")][-1].split()
+    return TimedRun(float(last[1]), float(last[4]), int(last[2]) / 1024**2, int(last[3]), out.stdout)
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in avg)
 
 
 def build_run(root: Path, n: int, layers: int) -> list[Path]:
@@ -145,6 +187,11 @@ def main() -> None:
     ap.add_argument(
         "--only", help="comma-separated substrings of contender names to run (the floor always runs)"
     )
+    ap.add_argument(
+        "--against", type=Path,
+        help="the src/ folder of another checkout: every mergescale contender also runs with it on PYTHONPATH "
+             "(labelled '[against]'), interleaved with this checkout's runs",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.case == "readwrite":
         run, out, *rest = args.paths
@@ -192,43 +239,61 @@ def main() -> None:
         contenders = {
             k: v for k, v in contenders.items() if k == "read10+write1" or any(x in k for x in keep)
         }
+    if args.against is not None:
+        for label in [k for k in contenders if k.startswith(("pma", "along-run"))]:
+            contenders[label + AGAINST] = contenders[label]
     print(f"machine: {machine()}")
     print(f"run: {total} checkpoints x {size / n / 1e9:.2f} GB bf16 ({args.layers} layers); one average reads "
           f"{n}: {size / 1e9:.2f} GB")  # fmt: skip
     cache = "cold cache: evicted before every run" if args.cold else "warm cache"
     print(f"read all checkpoints once (in-process, {cache}): {read_s:.2f} s", flush=True)
     work = args.cache / "work"
-    results = {}
-    for label, cmd in contenders.items():
-        runs = []
-        for _ in range(args.repeats):
+    loads: list[tuple[float, float, float]] = [os.getloadavg()]
+    print(f"load average at the start: {_load(loads[0])}", flush=True)
+    runs: dict[str, list[TimedRun]] = {label: [] for label in contenders}
+    # interleaved (A, B, C, A, B, C, ...): on a shared machine every contender sees the same spread of load
+    for rep in range(args.repeats):
+        for label, cmd in contenders.items():
             shutil.rmtree(work, ignore_errors=True)
             if args.cold:
                 evict_from_page_cache(folders)
-            r = run_process([c.replace("{out}", str(work / "out")) for c in cmd])
+            env = {"PYTHONPATH": str(args.against)} if label.endswith(AGAINST) else None
+            r = run_timed([c.replace("{out}", str(work / "out")) for c in cmd], env)
             if r.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{r.output}")
-            runs.append(r)
+            runs[label].append(r)
             shutil.rmtree(work, ignore_errors=True)
             if label.startswith(("along-run", "read")) and args.ends:
                 read_all(every)  # 10 GB of outputs evict inputs from the page cache: warm them again
-        results[label] = {"seconds": median([r.seconds for r in runs]), "peak_rss_gb": max(r.peak_rss_gb for r in runs),
-                          "all_seconds": [round(r.seconds, 3) for r in runs]}  # fmt: skip
-        rates = [float(m) for r in runs for m in re.findall(r"([0-9.]+) GB/s", r.output)]
+            rate = " ".join(re.findall(r"[0-9.]+ GB/s", r.output)[-1:])
+            print(f"  [{rep + 1}/{args.repeats}] {label}: {r.seconds:.2f} s wall, {r.cpu_seconds:.2f} s CPU, "
+                  f"{r.peak_rss_gb:.2f} GB {rate}", flush=True)  # fmt: skip
+        loads.append(os.getloadavg())
+        print(f"  load average: {_load(loads[-1])}", flush=True)
+    results = {}
+    for label, rs in runs.items():
+        results[label] = {
+            "seconds": median([r.seconds for r in rs]),
+            "cpu_seconds": median([r.cpu_seconds for r in rs]),
+            "peak_rss_gb": max(r.peak_rss_gb for r in rs),
+            "all_seconds": [round(r.seconds, 3) for r in rs],
+        }
+        rates = [float(m) for r in rs for m in re.findall(r"([0-9.]+) GB/s", r.output)]
         if rates:
             results[label]["in_process_gb_s"] = median(rates)
-        print(
-            f"  {label}: {results[label]['seconds']:.2f} s, {results[label]['peak_rss_gb']:.2f} GB",
-            flush=True,
-        )
 
     floor = results["read10+write1"]["seconds"]
     sma = results.get(f"pma sma N={n}")
     print()
-    print("| contender | wall s (median) | peak RSS GB | × read10+write1 |")
-    print("|---|---|---|---|")
+    print(f"medians of {args.repeats}, interleaved; load average (1 min) from {min(x[0] for x in loads):.1f} to "
+          f"{max(x[0] for x in loads):.1f}")  # fmt: skip
+    base = sma["seconds"] if sma is not None else floor
+    print(f"| contender | wall s | CPU s | peak RSS GB | GB/s in-process | × read10+write1 | × SMA of {n} |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label} | {r['seconds']:.2f} | {r['peak_rss_gb']:.2f} | {r['seconds'] / floor:.2f} |")
+        rate = f"{r['in_process_gb_s']:.2f}" if "in_process_gb_s" in r else ""
+        print(f"| {label} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['peak_rss_gb']:.2f} | {rate} | "
+              f"{r['seconds'] / floor:.2f} | {r['seconds'] / base:.2f} |")  # fmt: skip
     if sma is not None and "pma sma N=3" in results:
         ok_time = sma["seconds"] <= 2 * floor
         ok_rss = sma["peak_rss_gb"] <= 1.5
@@ -247,8 +312,13 @@ def main() -> None:
     if sma is not None and "in_process_gb_s" in sma:
         rate = sma["in_process_gb_s"]
         print(f"SMA of {n} in-process: {rate:.2f} GB/s (>= 4: {'ok' if rate >= 4 else 'MISSED'})")
+    against = results.get(f"pma sma N={n}{AGAINST}"), results.get(f"along-run T={args.ends}{AGAINST}")
+    if against[0] is not None and along is not None and against[1] is not None:
+        ratio = against[1]["seconds"] / against[0]["seconds"]
+        print(f"against {args.against}: along-run = {ratio:.2f} x its SMA of {n}; SMA of {n} "
+              f"{against[0].get('in_process_gb_s', float('nan')):.2f} GB/s in-process")  # fmt: skip
     out = {"machine": machine(), "checkpoints": n, "ends": args.ends, "bytes": size, "read_all_s": read_s, "cold": args.cold,
-           "results": results}  # fmt: skip
+           "load_averages": loads, "results": results}  # fmt: skip
     (args.cache / ("results-cold.json" if args.cold else "results.json")).write_text(json.dumps(out, indent=2) + "\n")
 
 

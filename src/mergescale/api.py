@@ -29,7 +29,9 @@ from mergescale.engine.memory import plan_memory as plan_run_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, OutputTensor, ParamsFor, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError
+from mergescale.io.atomic import check_apart_from_inputs, check_output_folder
 from mergescale.io.checkpoint import TensorSource, open_checkpoint, resolve_model_path
+from mergescale.io.folders import GENERATION_CONFIG
 from mergescale.io.tokenizers import (
     BuiltTokenizer,
     build_tokenizer,
@@ -37,12 +39,9 @@ from mergescale.io.tokenizers import (
     vocab_size_of,
 )
 from mergescale.io.writer import (
-    GENERATION_CONFIG,
     MemorySink,
     ModelFolderSink,
     TensorSink,
-    check_apart_from_inputs,
-    check_output_folder,
 )
 from mergescale.vocabulary import TokenRule, VocabularyAlignment
 
@@ -352,12 +351,12 @@ def merge(
     cfg = _as_config(config, strict)
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite)
-    donor = resolve_model_path(cfg.tokenizer_ref) if copy_tokenizer and cfg.tokenizer_ref else None
+    donor = resolve_model_path(cfg.tokenizer_ref) if cfg.tokenizer_ref else None
     inputs = [
         (f"{'base model' if r == cfg.base_model else 'model'} {r!r}", resolve_model_path(r))
         for r in cfg.referenced_models()
     ]
-    check_apart_from_inputs(out, inputs + ([("tokenizer source", donor)] if donor else []))
+    check_apart_from_inputs(out, inputs + ([("tokenizer source", donor)] if donor and copy_tokenizer else []))
     if cfg.method.statistics:
         from mergescale.calibration import calibrate
 
@@ -365,19 +364,21 @@ def merge(
     with SourcePool() as pool:
         parts = describe_output(cfg, pool)  # opens every input: a bad model fails before the output is touched
         sink = ModelFolderSink(out, max_shard_size=max_shard_size, overwrite=overwrite,
-                               **_folder_contents(cfg, parts, copy_tokenizer))  # fmt: skip
+                               **_folder_contents(cfg, parts, donor, copy_tokenizer))  # fmt: skip
         plan = build_plan(pool.sources, pool.labels, [parts.spec(sink, "merge")])
         stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress,
                          max_memory=max_memory)  # fmt: skip
     return MergeResult(out, stats)
 
 
-def _folder_contents(cfg: MergeConfig, parts: OutputParts, copy_tokenizer: bool) -> dict[str, Any]:
-    """config.json, tokenizer files and mergekit_config.yml of the output folder."""
+def _folder_contents(
+    cfg: MergeConfig, parts: OutputParts, donor: Path | None, copy_tokenizer: bool
+) -> dict[str, Any]:
+    """config.json, tokenizer files and mergekit_config.yml of the output folder; ``donor`` is the folder of
+    the config's tokenizer model (``tokenizer_ref``)."""
     extra: dict[str, str | bytes] = {"mergekit_config.yml": cfg.to_yaml()}
     copy_from = None
     copy_names = None
-    donor = resolve_model_path(cfg.tokenizer_ref) if cfg.tokenizer_ref else None
     if parts.tokenizer is not None:
         extra.update(parts.tokenizer.files)
         copy_from, copy_names = donor, (GENERATION_CONFIG,)

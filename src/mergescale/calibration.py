@@ -28,9 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 
 from mergescale.config import CalibrationSettings, CalibrationSource, MergeConfig, TaskData
 from mergescale.errors import ConfigError, InputModelError, TaskError
+from mergescale.io.atomic import AtomicPath
 from mergescale.io.checkpoint import SafetensorsCheckpoint, TensorInfo, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -237,13 +236,8 @@ def _read_aliases(path: Path) -> dict[str, str]:
 def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with AtomicPath(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

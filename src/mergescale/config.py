@@ -66,6 +66,7 @@ from pydantic import (
     model_validator,
 )
 
+from mergescale.dtypes import parse_dtype
 from mergescale.errors import ConfigError
 from mergescale.methods import get_method
 from mergescale.methods.base import MergeMethod, ParamSpec, ParamValue
@@ -218,26 +219,6 @@ class CalibrationSettings(BaseModel):
                 return self.data["default"]
             raise ConfigError(f"calibration.data: no examples given for model {model!r} (and no 'default')")
         return self.data
-
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def parse_dtype(name: str | None, *, key: str = "dtype") -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name.removeprefix("torch.")]
-    except KeyError:
-        raise ConfigError(f"{key}: unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ class TensorMismatchError(MergeScaleError):
 
 
 class NonFiniteError(MergeScaleError):
-    """An input tensor holds NaN or Inf values, or a model gives non-finite log-likelihoods."""
+    """An input tensor holds NaN or Inf values, a merge overflows, or a model gives non-finite log-likelihoods.
+
+    ``in_input`` says the cause is a NaN/Inf in an input tensor, which a merge can be told to accept
+    (``allow_nonfinite``); each caller adds the remedy that applies to it, so the message carries none.
+    """
+
+    def __init__(self, message: str, *, in_input: bool = False) -> None:
+        super().__init__(message)
+        self.in_input = in_input
 
 
 class NonFiniteScoreWarning(RuntimeWarning):

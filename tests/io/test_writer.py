@@ -7,8 +7,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mergescale.errors import ConfigError, OutputError
+from mergescale.io.atomic import AtomicFolder, check_output_folder
 from mergescale.io.writer import (
-    AtomicFolder,
     MemorySink,
     ModelFolderSink,
     ShardedSafetensorsWriter,
@@ -154,8 +154,6 @@ def test_output_folder_checks_the_folder_its_temporary_goes_in(tmp_path, monkeyp
     """The output is made as a hidden sibling: an existing, writable output folder in a folder that takes no new
     entries is refused up front, naming that folder (not after the merge)."""
     from pathlib import Path
-
-    from mergescale.io.writer import check_output_folder
 
     parent = tmp_path / "locked"
     (parent / "out").mkdir(parents=True)

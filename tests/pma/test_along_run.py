@@ -98,6 +98,10 @@ def test_each_checkpoint_tensor_is_read_once(run12, tmp_path, monkeypatch):
     reads: dict[tuple[str, str], int] = {}
 
     class Counting:
+        """A TensorSource that counts reads (zero-copy reads included: it maps nothing, so map is read)."""
+
+        maps_files = False
+
         def __init__(self, inner):
             self.inner, self.path = inner, inner.path
 
@@ -112,6 +116,8 @@ def test_each_checkpoint_tensor_is_read_once(run12, tmp_path, monkeypatch):
             key = (str(self.path), name)
             reads[key] = reads.get(key, 0) + 1
             return self.inner.read(name)
+
+        map = read
 
         def close(self):
             self.inner.close()
@@ -213,3 +219,47 @@ def test_cli_along_run(run12, tmp_path):
         "along_run.json", "sma-N4-end1000", "sma-N4-end1100", "sma-N4-end1200"
     ]
     assert "3 averages" in res.output
+
+
+def test_inputs_larger_than_the_read_ahead_are_released_as_read_with_the_same_points(
+    run12, tmp_path, small_chunks, monkeypatch
+):
+    """A read-ahead budget of one byte makes every tensor "too large to hold": its mapped inputs are faulted in
+    by the computing threads and their pages released behind them (every 2048 entries here); the points stay
+    those of `mergescale pma`."""
+    from functools import partial
+
+    released: list[tuple[int, int]] = []
+    real_release = sliding.release_map_pages
+
+    def spy(t, start, stop):
+        released.append((start, stop))
+        real_release(t, start, stop)
+
+    monkeypatch.setattr(sliding, "release_map_pages", spy)
+    monkeypatch.setattr(sliding, "_RELEASE_ENTRIES", 2048)
+    monkeypatch.setattr(along_run_module, "run_sliding", partial(sliding.run_sliding, prefetch_bytes=1))
+    plan = plan_along_run(run12, [PMASettings("sma", 4), PMASettings("ema", 3, alpha=0.5)], last=3)
+    [batch] = list(iter_along_run(plan, progress=False, workers=2))
+    assert any(stop - start >= 2048 for start, stop in released)  # whole pages of float32 entries were let go
+    for p in batch:
+        assert_close_to(p.state_dict, direct(run12, p, tmp_path))
+
+
+def test_a_custom_window_that_overflows_is_refused(run_factory, tmp_path):
+    """Negative custom weights can overflow finite inputs: those windows are summed, not only the check row."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = run_factory("hf", steps=STEPS12)
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    for step, value in ((1100, 3e38), (1200, -3e38)):
+        f = run / f"checkpoint-{step}" / "model.safetensors"
+        sd = load_file(f)
+        sd["model.norm.weight"][0] = value
+        save_file(sd, f, metadata={"format": "pt"})
+    # weights (1.5, -0.5): 1.5 · 3e38 + 0.5 · 3e38 = 6e38, past float32's 3.4e38
+    with pytest.raises(NonFiniteError, match=r"'model.norm.weight' overflows"):
+        along_run_averages(run, tmp_path / "out", [PMASettings("sma", 2, weights=(3.0, -1.0))], progress=False, last=1)

@@ -146,7 +146,7 @@ def test_pma_figures_have_a_panel_per_run_and_the_references(pma) -> None:
     axes = visible_axes(fig)
     assert len(axes) == 2
     labels = axes[0].get_legend_handles_labels()[1]
-    assert labels[0] == "last checkpoint" and "annealed model" in labels
+    assert labels[0] == "last checkpoint" and "annealed model (end of the run)" in labels
     assert {"SMA, N=4", "EMA α=0.2, N=4", "WMA, N=4"} <= set(labels)
     assert axes[0].get_ylabel().startswith("validation loss")
 

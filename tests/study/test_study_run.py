@@ -189,3 +189,31 @@ def test_export_csv_parquet_and_show(micro_study: Path, tmp_path: Path) -> None:
     assert "xs-pt" in shown.output and "held-out, ÷ base" in shown.output and "k=8" in shown.output
     assert max(len(line) for line in shown.output.splitlines()) <= 80
     assert "…" not in shown.output
+
+
+def test_ray_retries_a_job_whose_worker_died(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from mergescale.stages.scheduler import Job
+    from mergescale.study.draws import StudyContext
+    from mergescale.study.executors import _run_ray
+    from mergescale.study.spec import EvalSpec
+
+    def dies_once(context, payload, threads):
+        """A task whose worker process dies the first time it runs a job (as on a lost node). Defined here, so
+        Ray ships it by value to workers that cannot import the tests."""
+        import os
+        from pathlib import Path
+
+        marker = Path(context.scratch) / f"died-{payload}"
+        if not marker.exists():
+            marker.write_text("")
+            os._exit(1)
+        return f"done {payload}"
+
+    context = StudyContext("", EvalSpec(), (), False, 1 << 30, str(tmp_path))
+    jobs = [Job("a", (), 1.0, "a"), Job("b", ("a",), 1.0, "b")]
+    done: list[tuple[str, str]] = []
+    _run_ray(jobs, context, lambda job, result: done.append((job.name, result)), lambda job: job.payload, None,
+             2, 1, None, task=dies_once)  # fmt: skip
+    assert done == [("a", "done a"), ("b", "done b")]  # each retried after its worker died, b after a
+    assert {p.name for p in tmp_path.iterdir()} == {"died-a", "died-b"}

@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mergescale.errors import NonFiniteError
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -61,17 +63,22 @@ def merge_command(
             console.print(line, highlight=False, soft_wrap=True)
         return
     with _config_warnings_printed():
-        result = merge(
-            config,
-            out_dir,
-            device=device,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            allow_nonfinite=allow_nonfinite,
-            progress=not quiet,
-            strict=strict,
-            max_memory=max_memory,
-        )
+        try:
+            result = merge(
+                config,
+                out_dir,
+                device=device,
+                overwrite=overwrite,
+                max_shard_size=max_shard_size,
+                allow_nonfinite=allow_nonfinite,
+                progress=not quiet,
+                strict=strict,
+                max_memory=max_memory,
+            )
+        except NonFiniteError as exc:
+            if not exc.in_input:
+                raise
+            raise NonFiniteError(f"{exc} (pass --allow-nonfinite to merge anyway)", in_input=True) from None
     s = result.stats
     console.print(
         f"[green]merged[/] {s.tensors} tensors into {out_dir} in {s.seconds:.1f} s "

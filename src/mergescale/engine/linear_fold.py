@@ -1,32 +1,42 @@
 """Weighted sums of same-shaped tensors, computed cache chunk by cache chunk: the kernel of every linear merge.
 
-An output's weighted sum Σⱼ cⱼ·float32(x_j) is computed in **blocks** of consecutive terms: each block is one
-BLAS matrix-vector product over a cache-sized chunk, ``r = prior + X_blockᵀ·c_block`` (no prior for the first
-block), where ``X_block`` holds the block's inputs converted to float32 in a small scratch that stays in cache.
-So memory is read once in the inputs' dtype (bf16 as read) and written once in the output's, instead of
-converting every input to a full float32 copy and adding copies in memory. Measured here (one thread, chunks of
-64K entries): 4 bf16 inputs of 32M entries, 0.56 s the whole-tensor way, 0.12 s in chunks; 10 inputs in one
-block, 63 µs per chunk with one ``mv`` against 183 µs with 10 in-place adds.
+An output's weighted sum Σⱼ cⱼ·float32(x_j) is computed in **blocks** of consecutive terms, each block chunk by
+chunk into a float32 accumulator ``a`` of one chunk that stays in cache: ``a = c₁·x₁`` (or ``prior + c₁·x₁``),
+then ``a += cⱼ·xⱼ`` for the block's other terms, each one torch operation, then ``a`` is cast into the target.
+An input that only one block of the pass reads (one average) is read in its own dtype (bf16 as read) by that
+multiply-add, which converts it on the fly; an input several blocks read (a sweep) is converted once per chunk
+into a float32 scratch row that stays in cache, and the blocks read that. So every input is read from memory
+once, in its stored dtype, and the output is written once in its own dtype.
 
-The caller decides the blocks from the output's own terms only (the engine: by the tensor's size), and each
-block is the same BLAS call whatever else shares the read: an average computed within a sweep of nine is bit
-for bit the average computed alone.
+Why multiply-adds: the previous kernel converted the chunk's inputs into a float32 scratch (m × chunk) and
+summed it with one BLAS matrix-vector product. Profiled on the 268M-parameter benchmark (10 bf16 checkpoints,
+one thread, chunks of 128K entries, Intel Xeon), its CPU went 60 % to the conversion and 30 % to the product,
+which re-read the 5 MB scratch from the L3 cache. Measured alone on the same data (one thread, interleaved,
+shared machine): one SMA of 10, 1.6-2.3 s of CPU against 2.1-2.8 s; the sweep of 9 averages (57 terms),
+6.8-7.2 s against 6.9-9.9 s. Chunks of 128K entries (a 512 KB accumulator, in L2) were best: torch costs about
+5 µs per operation here, so smaller chunks pay that more often than they gain from the cache (64K: +5 %, 32K:
++20 %).
+
+Each block is summed in its terms' order by the same operations whatever else shares the pass, so an average
+computed within a sweep of nine is bit for bit the average computed alone; the caller decides the blocks from
+the output's own terms only (the engine: by the tensor's size).
 
 Chunks are split between ``workers`` threads (torch releases the GIL in its kernels), each with its own
-scratch. Pure tensor code, no I/O.
+accumulator. Pure tensor code, no I/O.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 
-# Entries per chunk on the CPU (measured: 64K-256K best on a 2-core EPYC; 128K by 15% for 4 bf16 inputs).
+# Entries per chunk on the CPU (measured: 64K-256K best on a 2-core EPYC and on an Intel Xeon; see above).
 CPU_CHUNK = 1 << 17
-# On accelerators one kernel per op wins; the cap bounds the float32 scratch (m × 64M × 4 bytes).
+# On accelerators one kernel per op wins; the cap bounds the float32 accumulator (64M × 4 bytes per worker).
 DEVICE_CHUNK = 1 << 26
 # Below this many entries one thread does the whole tensor: handing work to a second costs more.
 _SPLIT_MIN = 1 << 20
@@ -52,7 +62,8 @@ def fold_blocks(
     """Compute every block (:class:`Block`) in one pass over the inputs, chunk by chunk.
 
     Args:
-        inputs: m tensors of one shape (any float dtype), on one device; each is converted once per chunk.
+        inputs: m tensors of one shape (any float dtype), on one device; each chunk of an input is read by every
+            block that lists it (after the first, from cache) and converted as it is read.
         blocks: what to compute; inputs a block does not list never reach its target (not even as 0·NaN).
         pool: executor for the extra workers (``workers - 1`` tasks are submitted to it).
         workers: how many threads share the chunks.
@@ -74,10 +85,8 @@ def fold_blocks(
         for b in blocks
     ]
 
-    stride = max(1, min(chunk, n))  # depends on the tensor only: the same layout in every call
-
     def run(start: int, stop: int) -> list[float]:
-        return _fold_range(flat_in, plans, start, stop, max(1, min(stride, stop - start)), stride)
+        return _fold_range(flat_in, plans, start, stop, max(1, min(chunk, stop - start)))
 
     if pool is None or workers <= 1 or n < _SPLIT_MIN or device.type != "cpu":
         return run(0, n)
@@ -99,43 +108,38 @@ class _FlatBlock:
     target: torch.Tensor  # (n,)
     prior: torch.Tensor | None  # (n,)
 
-    @property
-    def contiguous(self) -> range | None:
-        """The rows as a range when they are consecutive and ascending (the block is then a view)."""
-        lo = self.rows[0]
-        return range(lo, lo + len(self.rows)) if self.rows == list(range(lo, lo + len(self.rows))) else None
-
 
 def _fold_range(
-    inputs: list[torch.Tensor], blocks: list[_FlatBlock], start: int, stop: int, width: int, stride: int
+    inputs: list[torch.Tensor], blocks: list[_FlatBlock], start: int, stop: int, width: int
 ) -> list[float]:
     device = inputs[0].device
-    used = sorted({i for b in blocks for i in b.rows})
-    # Scratch rows are ``stride`` apart in every call and split, so a block's BLAS call sees the same layout
-    # (and gives the same bits) whichever inputs share the pass.
-    scratch = torch.empty((len(inputs), stride), dtype=torch.float32, device=device)[:, :width]  # (m, C)
-    longest = max(len(b.rows) for b in blocks)
-    gather = torch.empty((longest, stride), dtype=torch.float32, device=device)[:, :width]  # (len, C)
-    res = torch.empty(width, dtype=torch.float32, device=device)  # (C,)
+    reads = Counter(i for b in blocks for i in b.rows)
+    # inputs several blocks read (a sweep) are converted once per chunk into a float32 scratch that stays in
+    # cache; an input one block reads is converted as that block's multiply-add reads it. Both give the same
+    # bits (torch converts a mixed-dtype operand exactly, then runs the same float32 kernel; checked by
+    # tests/engine/test_linear_fold.py), so a block's result never depends on what shares the pass.
+    shared = [i for i in sorted(reads) if reads[i] > 1]
+    scratch = torch.empty((len(shared), width), dtype=torch.float32, device=device)  # (shared, C)
+    full_rows = list(scratch.unbind(0))  # (C,) each
+    acc = torch.empty(width, dtype=torch.float32, device=device)  # (C,) one for every block, in cache
+    once = [i for i in sorted(reads) if reads[i] == 1]
+    first = [float(b.coefs[0]) for b in blocks]
+    terms = [list(zip(b.rows[1:], b.coefs[1:].tolist(), strict=True)) for b in blocks]
     sums = [0.0] * len(blocks)
-    spans = [b.contiguous for b in blocks]
     for s in range(start, stop, width):
         e = min(stop, s + width)
-        c = e - s
-        xs, r = scratch[:, :c], res[:c]
-        for i in used:
-            xs[i].copy_(inputs[i][s:e])  # converts while copying, into cache
-        for k, (b, span) in enumerate(zip(blocks, spans, strict=True)):
-            if span is not None:
-                x = xs[span.start : span.stop]  # (len, C) view
-            else:
-                x = gather[: len(b.rows), :c]
-                for j, i in enumerate(b.rows):
-                    x[j].copy_(xs[i])
+        a = acc[: e - s]
+        xs = {i: inputs[i][s:e] for i in once}  # (C,) views in the inputs' dtype
+        rows = full_rows if e - s == width else list(scratch[:, : e - s].unbind(0))
+        for row, i in zip(rows, shared, strict=True):
+            xs[i] = row.copy_(inputs[i][s:e])  # converts once, into cache
+        for k, b in enumerate(blocks):
             if b.prior is None:
-                torch.mv(x.T, b.coefs, out=r)  # (C,) Σⱼ cⱼ·xⱼ
+                torch.mul(xs[b.rows[0]], b.coefs[:1], out=a)  # c₁·x₁ in float32 (a (1,) float32 factor)
             else:
-                torch.addmv(b.prior[s:e], x.T, b.coefs, out=r)  # (C,) prior + Σⱼ cⱼ·xⱼ
-            sums[k] += float(r.sum())
-            b.target[s:e].copy_(r)  # casts to the target's dtype
+                torch.add(b.prior[s:e], xs[b.rows[0]], alpha=first[k], out=a)  # prior + c₁·x₁
+            for i, c in terms[k]:
+                a.add_(xs[i], alpha=c)  # a + cⱼ·xⱼ in the block's term order, converting xⱼ if it is not yet
+            sums[k] += float(a.sum())
+            b.target[s:e].copy_(a)  # casts to the target's dtype
     return sums

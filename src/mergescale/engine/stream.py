@@ -140,9 +140,7 @@ def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
         return
     if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise NonFiniteError(
-            f"{label}: tensor {name!r} contains {bad} values (pass --allow-nonfinite to merge anyway)"
-        )
+        raise NonFiniteError(f"{label}: tensor {name!r} contains {bad} values", in_input=True)
 
 
 @contextmanager
@@ -387,15 +385,10 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, lazy: S
                     return
                 # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map); inputs
                 # of blocked products are not populated: blocks map their pages in and drop them again (only
-                # for maps known to be private file maps: dropping anonymous pages would lose them)
-                mapped = (r in lazy[j] and type(source).map is SafetensorsCheckpoint.map and read.nbytes > 0
-                          and hasattr(mmap, "MAP_PRIVATE"))  # fmt: skip
-                if mapped:
-                    t = source.map(read.name, populate=False)
-                elif isinstance(source, SafetensorsCheckpoint):
-                    t = source.map(read.name)
-                else:
-                    t = source.read(read.name)
+                # for private file maps, maps_files: dropping anonymous pages would lose them)
+                mapped = (r in lazy[j] and isinstance(source, SafetensorsCheckpoint) and source.maps_files
+                          and read.nbytes > 0 and hasattr(mmap, "MAP_PRIVATE"))  # fmt: skip
+                t = source.map(read.name, populate=False) if mapped else source.map(read.name)
                 read_q.put((j, r, t, read.nbytes, mapped))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks

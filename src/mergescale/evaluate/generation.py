@@ -11,42 +11,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Stop a row once its generated text (after the prompt) contains one of the stop sequences."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.prompt_length = prompt_length
-
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-    ) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_length :]  # (B, generated so far)
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        done = [any(s in text for s in self.stop) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _NonFiniteLogits(LogitsProcessor):
-    """Notes which rows ever got a NaN or +Inf logit (-Inf is a legitimate "never this token"); changes nothing."""
-
-    def __init__(self, rows: int) -> None:
-        self.rows = [False] * rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        bad = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1).tolist()  # (B,)
-        self.rows = [seen or now for seen, now in zip(self.rows, bad, strict=True)]
-        return scores
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -75,6 +39,11 @@ def generate_greedy(
     A prompt longer than ``max_length - max_new_tokens`` keeps its last tokens (the harness's left truncation).
     With ``nonfinite_rows`` (a list), the index of every prompt whose logits held a NaN or +Inf at some step is
     appended to it (their greedy tokens are meaningless).
+
+    The decoding loop is ``model.generate``'s greedy search written out (a key-value cache, positions from the
+    attention mask, the last position's logits only, finished rows padded): the same tokens (tested against
+    ``generate`` and lm-evaluation-harness), without the per-step machinery of logits processors and stopping
+    criteria, which costs more than the forward pass of a small model.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -83,13 +52,8 @@ def generate_greedy(
     budget = max(1, max_length - max_new_tokens)
     prompts = [list(p)[-budget:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    forward = _Forward(model)
+    stops = [s for s in stop if s]
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -100,19 +64,85 @@ def generate_greedy(
             n = len(prompts[i])
             input_ids[row, width - n :] = torch.tensor(prompts[i])
             attention[row, width - n :] = 1
-        watch = _NonFiniteLogits(len(idx))
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([_StopOnStrings(tokenizer, stop, width)]),
-            logits_processor=LogitsProcessorList([watch]),
-        )  # (B, T + new)
+        tokens, bad = _greedy(
+            forward, tokenizer, input_ids.to(device), attention.to(device), max_new_tokens, pad_id, stops
+        )
         if nonfinite_rows is not None:
-            nonfinite_rows.extend(i for row, i in enumerate(idx) if watch.rows[row])
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            nonfinite_rows.extend(i for row, i in enumerate(idx) if bad[row])
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
             outputs[i] = cut_at_stop(text, stop)
         if on_progress is not None:
             on_progress(len(idx))
     return outputs
+
+
+class _Forward:
+    """One decoding step of a causal LM with a key-value cache, across transformers versions' argument names."""
+
+    def __init__(self, model: Any) -> None:
+        import inspect
+
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.positions = "position_ids" in params
+        self.keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4.x
+            return DynamicCache()
+
+    def __call__(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
+        if self.positions:
+            kwargs["position_ids"] = positions
+        if self.keep:
+            kwargs[self.keep] = 1
+        logits = self.model(input_ids=ids, attention_mask=attention, **kwargs).logits  # (B, T or 1, V)
+        return logits[:, -1, :]  # (B, V)
+
+
+def _greedy(
+    forward: _Forward,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    max_new_tokens: int,
+    pad_id: int,
+    stops: list[str],
+) -> tuple[torch.Tensor, list[bool]]:
+    """(B, new) greedy tokens of a left-padded batch, padding after a row finished (EOS or a stop string), and
+    which rows ever saw a NaN / +Inf logit."""
+    eos = tokenizer.eos_token_id
+    rows = ids.shape[0]
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)  # (B, T), as generate() sets them
+    cache = forward.new_cache()
+    logits = forward(ids, attention, positions, cache)  # (B, V)
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)  # (B,)
+    bad = [False] * rows
+    new: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        now = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
+        bad = [b or n for b, n in zip(bad, now, strict=True)]
+        token = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1))  # (B,)
+        new.append(token)
+        if eos is not None:
+            done |= token == eos
+        if stops:  # the rows still running whose text now holds a stop string
+            generated = torch.stack(new, 1)  # (B, step + 1)
+            for r in (~done).nonzero().flatten().tolist():
+                if any(s in tokenizer.decode(generated[r], skip_special_tokens=True) for s in stops):
+                    done[r] = True
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        attention = torch.cat([attention, attention.new_ones((rows, 1))], 1)  # (B, T + step + 1)
+        positions = positions[:, -1:] + 1  # (B, 1)
+        logits = forward(token[:, None], attention, positions, cache)
+    return torch.stack(new, 1), bad

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mergescale.config import parse_dtype as parse_config_dtype
+from mergescale.dtypes import parse_dtype as _parse_dtype
 from mergescale.errors import InputModelError
 from mergescale.evaluate.results import ModelIdentity
 from mergescale.io.checkpoint import looks_like_hub_id, missing_model_path, read_safetensors_header
@@ -44,11 +44,7 @@ class LoadedModel:
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` ... -> torch dtype; None or "auto" -> None (keep)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    return parse_config_dtype(dtype.lower(), key="dtype")
+    return _parse_dtype(dtype, key="dtype", auto=True, any_case=True)
 
 
 def load_model(

@@ -15,11 +15,8 @@ A category's ``score`` is the mean of its tasks' primary metrics (the study's ta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from mergescale.errors import OutputError, TaskError
+from mergescale.io.atomic import check_writable, write_text_atomic
 
 
 class _Model(BaseModel):
@@ -158,8 +156,6 @@ def check_results_path(path: str | Path, *, samples: bool = False) -> None:
     Raises:
         OutputError: naming the path.
     """
-    from mergescale.io.writer import check_writable
-
     path = Path(path)
     for target in [path, samples_path(path)] if samples else [path]:
         if target.is_dir():
@@ -188,18 +184,8 @@ def category_means(tasks: dict[str, TaskResult]) -> dict[str, CategoryResult]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then rename over the target (readers never see a half-written file)."""
-    tmp = None
+    """Write atomically (readers never see a half-written file); a refusal of the file system is an OutputError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:  # never leave the hidden temporary behind
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
+        write_text_atomic(path, text)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None

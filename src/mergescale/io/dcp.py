@@ -35,11 +35,10 @@ from typing import Any
 import torch
 
 from mergescale.errors import InputModelError
-from mergescale.io.checkpoint import TensorInfo, read_config
+from mergescale.io.sources import DCP_METADATA, TensorInfo, read_config
 
 log = logging.getLogger(__name__)
 
-METADATA = ".metadata"
 MODEL_GROUPS = ("model", "module", "model_state_dict", "state_dict")
 NON_MODEL_GROUPS = frozenset(
     {
@@ -99,7 +98,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def load_metadata(folder: Path) -> Any:
     """The ``.metadata`` of a DCP folder, unpickled with :class:`_MetadataUnpickler`."""
-    path = folder / METADATA
+    path = folder / DCP_METADATA
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
     except (
@@ -168,13 +167,15 @@ class DCPCheckpoint:
     ``config`` is the ``config.json`` of the folder, or of its parent or grandparent (a run folder), when any.
     """
 
+    maps_files = False  # every tensor is loaded by torch.distributed.checkpoint: map() is read()
+
     def __init__(self, folder: str | Path, *, strip_prefix: str | None = None) -> None:
         from torch.distributed.checkpoint import FileSystemReader
 
         self.path = Path(folder)
-        if not (self.path / METADATA).is_file():
+        if not (self.path / DCP_METADATA).is_file():
             raise InputModelError(
-                f"{self.path}: no {METADATA} file (not a torch.distributed.checkpoint folder)"
+                f"{self.path}: no {DCP_METADATA} file (not a torch.distributed.checkpoint folder)"
             )
         self._metadata = load_metadata(self.path)
         self._keys = _names(self._metadata, strip_prefix)
@@ -213,7 +214,7 @@ class DCPCheckpoint:
             for name, key in self._keys.items():
                 md = self._metadata.state_dict_metadata[key]
                 info[name] = TensorInfo(
-                    tuple(md.size), md.properties.dtype, files.get(key, self.path / METADATA)
+                    tuple(md.size), md.properties.dtype, files.get(key, self.path / DCP_METADATA)
                 )
             self._info = info
         return self._info
@@ -238,6 +239,9 @@ class DCPCheckpoint:
                 f"{info.file}: cannot read tensor {name!r} of {self.path} ({_first_line(exc)})"
             ) from None
         return out
+
+    def map(self, name: str) -> torch.Tensor:
+        return self.read(name)
 
     def close(self) -> None:
         """Nothing stays open between reads."""

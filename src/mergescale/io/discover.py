@@ -27,18 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from mergescale.errors import ConfigError, InputModelError
+from mergescale.io.sources import is_dcp, weights_format
 
 TRAINER_STATE = "trainer_state.json"
-DCP_METADATA = ".metadata"
 
 # checkpoint-100, step_100, step-100, step100, iter_0000100, global_step100
 _STEP_NAME = re.compile(r"^(?:checkpoint|step|iter|global_step|global-step)[-_]?(\d+)$", re.IGNORECASE)
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 _NESTED_RUN_FOLDERS = ("checkpoints", "checkpoint")
 LAYOUTS = (
     "checkpoint-<step>/, step_<n>/, step<n>/, iter_<n>/, global_step<n>/ (safetensors, .bin or torch DCP)"
@@ -102,9 +96,7 @@ def step_from_name(name: str) -> int | None:
 
 def has_weights(folder: Path) -> bool:
     """Whether ``folder`` itself holds model weights (HF files, loose safetensors or a DCP ``.metadata``)."""
-    if (folder / DCP_METADATA).is_file() or any((folder / f).is_file() for f in _WEIGHT_FILES):
-        return True
-    return any(folder.glob("*.safetensors"))
+    return weights_format(folder) is not None
 
 
 def weights_folder(folder: Path) -> tuple[Path, str] | None:
@@ -113,11 +105,10 @@ def weights_folder(folder: Path) -> tuple[Path, str] | None:
     A step folder may hold the weights itself or, as OLMo-core does, in exactly one sub-folder with a DCP
     ``.metadata`` file.
     """
-    if (folder / DCP_METADATA).is_file():
-        return folder, "dcp"
-    if has_weights(folder):
-        return folder, "hf"
-    nested = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and (sub / DCP_METADATA).is_file()]
+    kind = weights_format(folder)
+    if kind is not None:
+        return folder, "dcp" if kind == "dcp" else "hf"
+    nested = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and is_dcp(sub)]
     if len(nested) == 1:
         return nested[0], "dcp"
     return None

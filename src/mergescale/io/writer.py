@@ -3,8 +3,9 @@
 A :class:`TensorSink` is told every tensor it will receive (name, shape, dtype) before the first write, so
 :class:`ModelFolderSink` lays out its shards and safetensors headers up front and writes each tensor straight to
 its offset as it arrives: no shard is ever buffered in memory, and tensors may arrive in any order. Everything
-is written into a hidden temporary sibling folder that is renamed into place only when the merge has finished,
-so a crash, an error or Ctrl-C never leaves a half-written model at the output path.
+is written into a hidden temporary sibling folder (:class:`mergescale.io.atomic.AtomicFolder`) that is renamed
+into place only when the merge has finished, so a crash, an error or Ctrl-C never leaves a half-written model at
+the output path.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +22,13 @@ from typing import Any, Protocol
 import torch
 
 from mergescale.errors import ConfigError, OutputError
+from mergescale.io.atomic import (  # noqa: F401 - the output checks, long imported from here
+    AtomicFolder,
+    check_apart_from_inputs,
+    check_output_folder,
+    check_writable,
+)
+from mergescale.io.folders import CONFIG_JSON, COPIED_FILES, copy_model_files
 
 _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -38,21 +44,6 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
-
-# Files of a model folder that travel with the weights (tokenizer, generation settings, chat template).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-GENERATION_CONFIG = "generation_config.json"
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -109,127 +100,6 @@ def plan_shards(sizes: Sequence[int], max_shard_size: int) -> list[list[int]]:
     if current or not shards:
         shards.append(current)
     return shards
-
-
-class AtomicFolder:
-    """A temporary sibling folder that becomes ``target`` on :meth:`commit` and vanishes on :meth:`abort`."""
-
-    def __init__(self, target: Path, *, overwrite: bool = False) -> None:
-        self.target = Path(target)
-        self.overwrite = overwrite
-        check_output_folder(self.target, overwrite=overwrite)
-        self.tmp: Path | None = None
-
-    def create(self) -> Path:
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.target)
-            self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise OutputError(f"output folder {self.target}: cannot create it ({_why(exc)})") from None
-        return self.tmp
-
-    def commit(self) -> None:
-        assert self.tmp is not None, "create() first"
-        trash = None
-        if self.target.exists():
-            if not self.overwrite and (not self.target.is_dir() or any(self.target.iterdir())):
-                raise OutputError(f"{self.target} appeared while merging; not replacing it (use --overwrite)")
-            trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            self.target.rename(trash)
-        self.tmp.rename(self.target)
-        self.tmp = None
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def abort(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-
-
-def check_output_folder(target: Path, *, overwrite: bool) -> None:
-    """Refuse an output path that is a file, a non-empty folder unless ``overwrite``, or a place that cannot be
-    written (its nearest existing folder is not writable, or on a read-only file system)."""
-    target = Path(target)
-    if target.exists():
-        if not target.is_dir():
-            raise OutputError(f"output path {target} exists and is not a folder")
-        if not overwrite and any(target.iterdir()):
-            raise OutputError(f"output folder {target} is not empty (use --overwrite to replace it)")
-    # the output is made as a temporary sibling, renamed into place: its parent folder must take new entries
-    check_writable(target.absolute().parent, f"output folder {target}")
-
-
-def check_apart_from_inputs(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
-    """Refuse an output folder that is, lies inside, or contains one of the ``(label, folder)`` inputs, paths
-    resolved (symbolic links, ``..``): with ``--overwrite`` the output replaces its folder at the end, which
-    would delete an input (``mergescale merge cfg.yaml models/base --overwrite`` replaced the base model), and
-    without it the output would be written into an input's folder.
-
-    Raises:
-        OutputError: naming the output and the input.
-    """
-    out = Path(target).expanduser().resolve()
-    for label, folder in inputs:
-        src = Path(folder).expanduser().resolve()
-        if out == src:
-            how = "is"
-        elif src in out.parents:
-            how = "is inside"
-        elif out in src.parents:
-            how = "contains"
-        else:
-            continue
-        raise OutputError(f"output folder {target} {how} the input {label} ({folder}); choose another output folder")
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Refuse ``what`` (an output, for the message) when entries cannot be created in ``folder``: the folder, or
-    its nearest existing ancestor when it is still to be made, is a file, is not writable, or sits on a
-    read-only file system. (A pseudo file system such as ``/proc`` passes here and fails when the output is
-    created, with the same kind of one-line error.)"""
-    folder = Path(folder).absolute()
-    existing = folder if folder.exists() else next((p for p in folder.parents if p.exists()), None)
-    if existing is None:
-        return
-    if not existing.is_dir():
-        raise OutputError(f"{what}: cannot create it ({existing} is a file)")
-    try:
-        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
-    except OSError:
-        read_only = False
-    if read_only:
-        raise OutputError(f"{what}: cannot write there ({existing} is on a read-only file system)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what}: cannot write there (no permission to write in {existing})")
-
-
-def _why(exc: OSError) -> str:
-    """An OSError as a short reason: ``Read-only file system: '/mnt/x'``."""
-    return f"{exc.strerror}: {str(exc.filename)!r}" if exc.strerror and exc.filename else str(exc)
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries of ``target`` left by a killed process (their pid is gone)."""
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -339,7 +209,7 @@ class ModelFolderSink:
         self.out_dir = Path(out_dir)
         self.config = dict(config) if config is not None else None
         self.copy_from = copy_from
-        self.copy_names = tuple(copy_names) if copy_names is not None else (*TOKENIZER_FILES, GENERATION_CONFIG)
+        self.copy_names = tuple(copy_names) if copy_names is not None else COPIED_FILES
         self.extra_files = dict(extra_files or {})
         self.max_shard_size = parse_size(max_shard_size)
         self._folder = AtomicFolder(self.out_dir, overwrite=overwrite)
@@ -369,12 +239,9 @@ class ModelFolderSink:
                 config["dtype"] = dtype_name
                 if "torch_dtype" in config:
                     config["torch_dtype"] = dtype_name
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.copy_from is not None:
-            for fname in self.copy_names:
-                src = self.copy_from / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
+            copy_model_files(self.copy_from, tmp, self.copy_names)
         for fname, content in self.extra_files.items():
             if isinstance(content, bytes):
                 (tmp / fname).write_bytes(content)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from mergescale.dtypes import parse_dtype
 from mergescale.errors import ConfigError, OutputError
-from mergescale.io.writer import check_output_folder
+from mergescale.io.atomic import check_output_folder
 from mergescale.pma.along_run import SkippedPoint
-from mergescale.pma.average import PMAResult, PMASettings, _dtype, _Planned, _stream, choose, load_run
+from mergescale.pma.average import PMAResult, PMASettings, _Planned, _stream, choose, load_run
 from mergescale.pma.weights import DEFAULT_ALPHA
 
 
@@ -70,7 +71,7 @@ def iter_ablation(
     (alpha given to SMA) are computed once.
     """
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a folder")

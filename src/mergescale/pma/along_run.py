@@ -25,31 +25,25 @@ from pathlib import Path
 import torch
 
 from mergescale import __version__
+from mergescale.dtypes import parse_dtype
 from mergescale.engine import sliding as _sliding
-from mergescale.engine.plan import OutputSpec, build_plan
+from mergescale.engine.plan import build_plan
 from mergescale.engine.sliding import SlidingPlan, WindowGroup, group_windows, run_sliding
 from mergescale.engine.stream import StreamStats
 from mergescale.errors import ConfigError, NonFiniteError, OutputError
+from mergescale.io.atomic import check_output_folder, write_text_atomic
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.discover import CheckpointRef, RunInfo
-from mergescale.io.writer import (
-    GENERATION_CONFIG,
-    TOKENIZER_FILES,
-    MemorySink,
-    ModelFolderSink,
-    check_output_folder,
-)
+from mergescale.io.writer import MemorySink
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
-    _dtype,
-    _files_folder,
-    _write_atomic,
+    average_output,
     check_same_tensors,
     choose,
     load_run,
 )
-from mergescale.pma.record import PMA_JSON, SweepRecord
+from mergescale.pma.record import SweepRecord
 
 ALONG_RUN_JSON = "along_run.json"
 
@@ -113,7 +107,7 @@ def plan_along_run(
     if last is not None and last < 1:
         raise ConfigError(f"--ends must be at least 1, got {last}")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     steps = [c.step for c in info.checkpoints]
     if ends is None and any(s is None for s in steps):
         raise ConfigError("the checkpoints have no step numbers; give the end steps explicitly")
@@ -202,60 +196,34 @@ def _run_batch(
     overwrite: bool,
     max_shard_size: int | str,
 ) -> StreamStats:
-    from mergescale.methods import get_method
-
     info = plan.info
     used = {c.path for p in batch for c in p.checkpoints}
     refs = [c for c in info.checkpoints if c.path in used]
     index = {c.path: i for i, c in enumerate(refs)}
     sources = [open_checkpoint(c.path) for c in refs]
     labels = [c.label for c in refs]
-    sinks: list[MemorySink | ModelFolderSink] = []
-    for p in batch:
-        newest = p.checkpoints[-1]
-        if out is None:
-            sinks.append(MemorySink())
-            continue
-        files = _files_folder(newest, info.root)
-        has_files = any((files / f).is_file() for f in (*TOKENIZER_FILES, GENERATION_CONFIG))
-        sinks.append(
-            ModelFolderSink(
-                out / p.label,
-                config=sources[index[newest.path]].config,
-                copy_from=files if has_files else None,
-                extra_files={PMA_JSON: p.record.to_json()},
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-            )
-        )
-    linear = get_method("linear")
     outputs = [
-        OutputSpec(
-            label=p.label,
-            method=linear,
-            models=[index[c.path] for c in p.checkpoints],
-            base=None,
-            model_params=[{"weight": w} for w in p.weights],
-            params={"normalize": False},
-            sink=sink,
-            dtype=plan.dtype,
-        )
-        for p, sink in zip(batch, sinks, strict=True)
+        average_output(
+            p, out / p.label if out is not None else None, sources, index, info.root, plan.dtype,
+            max_shard_size=max_shard_size, overwrite=overwrite,
+        )  # fmt: skip
+        for p in batch
     ]
     try:
         check_same_tensors(sources, labels)
         sliding = SlidingPlan(build_plan(sources, labels, outputs), groups_for(batch, index))
         stats = run_sliding(sliding, device=device, check_finite=True, progress=progress, workers=workers)
     except NonFiniteError as exc:
-        message = str(exc).split(" (pass --allow-nonfinite")[0]
+        if not exc.in_input:
+            raise
         raise NonFiniteError(
-            f"{message}; a diverged checkpoint is never averaged: end the curve before it or see "
+            f"{exc}; a diverged checkpoint is never averaged: end the curve before it or see "
             f"`mergescale pma recover`"
         ) from None
     finally:
         for source in sources:
             source.close()
-    for p, sink in zip(batch, sinks, strict=True):
+    for p, sink in zip(batch, (o.sink for o in outputs), strict=True):
         if isinstance(sink, MemorySink):
             p.state_dict = sink.state_dict
             p.config = sources[index[p.checkpoints[-1].path]].config
@@ -304,7 +272,7 @@ def along_run_averages(
         checkpoints_read=[str(c.path) for c in plan.checkpoints],
         outputs={p.label: p.record for p in done},
     )
-    _write_atomic(out / ALONG_RUN_JSON, record.to_json())
+    write_text_atomic(out / ALONG_RUN_JSON, record.to_json())
     return done
 
 

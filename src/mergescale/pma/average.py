@@ -10,8 +10,6 @@ each checkpoint tensor is read once and added into every average whose window ho
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,12 +19,13 @@ from typing import Any
 import torch
 
 from mergescale import __version__
-from mergescale.config import parse_dtype
 from mergescale.device import check_device
+from mergescale.dtypes import parse_dtype
 from mergescale.engine.plan import OutputSpec, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError, InputModelError, NonFiniteError, OutputError, TensorMismatchError
-from mergescale.io.checkpoint import open_checkpoint
+from mergescale.io.atomic import check_apart_from_inputs, check_output_folder, write_text_atomic
+from mergescale.io.checkpoint import TensorSource, open_checkpoint
 from mergescale.io.discover import (
     CheckpointRef,
     RunInfo,
@@ -34,14 +33,8 @@ from mergescale.io.discover import (
     discover_run,
     step_from_name,
 )
-from mergescale.io.writer import (
-    GENERATION_CONFIG,
-    TOKENIZER_FILES,
-    MemorySink,
-    ModelFolderSink,
-    check_apart_from_inputs,
-    check_output_folder,
-)
+from mergescale.io.folders import CONFIG_JSON, TOKENIZER_FILES, find_folder
+from mergescale.io.writer import MemorySink, ModelFolderSink
 from mergescale.pma.record import PMA_JSON, SWEEP_JSON, AveragedCheckpoint, PMARecord, SweepRecord
 from mergescale.pma.weights import DEFAULT_ALPHA, strategy_weights
 from mergescale.pma.window import parse_interval, select_window
@@ -101,6 +94,7 @@ class PMAResult:
 
     @property
     def label(self) -> str:
+        assert self.record.label is not None  # an offline record always has one
         return self.record.label
 
 
@@ -194,10 +188,6 @@ def incomplete_in_window(
     return out
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    return dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype, key="--dtype")
-
-
 def average_checkpoints(
     run_dir: str | Path | None,
     out_dir: str | Path,
@@ -253,7 +243,7 @@ def average_checkpoints(
         alpha=alpha,
         weights=tuple(float(w) for w in weights) if weights is not None else None,
     )
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
     result = choose(info, settings, dtype=out_dtype, skip_incomplete=skip_incomplete)
     out = Path(out_dir)
@@ -340,7 +330,7 @@ def sweep_checkpoints(
     """
     check_device(device)
     base = PMASettings(strategy=strategy, window=window, interval=interval, end=end, alpha=alpha)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     info = load_run(run_dir, checkpoints, tokens_per_step=tokens_per_step)
     results: dict[str, PMAResult] = {}
     for settings in sweep_settings(base, grid):
@@ -374,7 +364,7 @@ def sweep_checkpoints(
         checkpoints_read=[str(c.path) for c in read],
         outputs={label: r.record for label, r in results.items()},
     )
-    _write_atomic(out / SWEEP_JSON, record.to_json())
+    write_text_atomic(out / SWEEP_JSON, record.to_json())
     return list(results.values())
 
 
@@ -386,18 +376,47 @@ def check_apart_from_checkpoints(out: Path, checkpoints: Sequence[CheckpointRef]
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+def average_output(
+    result: PMAResult,
+    folder: Path | None,
+    sources: Sequence[TensorSource],
+    index: Mapping[Path, int],
+    root: Path | None,
+    dtype: torch.dtype | None,
+    *,
+    max_shard_size: int | str,
+    overwrite: bool,
+) -> OutputSpec:
+    """One average as an output of the engine's plan: the ``linear`` method (not normalised) with the result's
+    weights over its checkpoints (``index``: checkpoint path -> position in ``sources``).
 
+    It goes to memory (``folder`` None), or to a model folder with the newest checkpoint's config.json,
+    ``pma.json``, and the tokenizer and generation files of the newest checkpoint's folder that holds its
+    config or tokenizer (its weights folder, its step folder or the run folder ``root``).
+    """
+    from mergescale.methods import get_method  # registers the methods on first use
 
-def _files_folder(ref: CheckpointRef, root: Path | None) -> Path:
-    """Where the newest checkpoint's config and tokenizer files are: its weights folder, step folder or run."""
-    for folder in (ref.path, ref.folder, root):
-        if folder is not None and any((folder / f).is_file() for f in ("config.json", *TOKENIZER_FILES)):
-            return folder
-    return ref.path
+    newest = result.checkpoints[-1]
+    sink: ModelFolderSink | MemorySink = MemorySink()
+    if folder is not None:
+        sink = ModelFolderSink(
+            folder,
+            config=sources[index[newest.path]].config,
+            copy_from=find_folder([newest.path, newest.folder, root], (CONFIG_JSON, *TOKENIZER_FILES)),
+            extra_files={PMA_JSON: result.record.to_json()},
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
+    return OutputSpec(
+        label=result.label,
+        method=get_method("linear"),
+        models=[index[c.path] for c in result.checkpoints],
+        base=None,
+        model_params=[{"weight": w} for w in result.weights],
+        params={"normalize": False},
+        sink=sink,
+        dtype=dtype,
+    )
 
 
 def _stream(
@@ -415,8 +434,6 @@ def _stream(
     Each average is one output of the plan using the engine's ``linear`` method, accumulated input by input
     (one float32 accumulator per average for the tensor in flight).
     """
-    from mergescale.methods import get_method  # registers the methods on first use
-
     union: dict[Path, CheckpointRef] = {}
     for p in planned:
         for c in p.result.checkpoints:
@@ -425,53 +442,27 @@ def _stream(
     index = {c.path: i for i, c in enumerate(refs)}
     sources = [open_checkpoint(c.path) for c in refs]
     labels = [c.label for c in refs]
-    sinks: list[ModelFolderSink | MemorySink] = []
-    for p in planned:
-        newest = p.result.checkpoints[-1]
-        if p.sink_dir is None:
-            sinks.append(MemorySink())
-            continue
-        files = _files_folder(newest, info.root)
-        has_files = any((files / f).is_file() for f in (*TOKENIZER_FILES, GENERATION_CONFIG))
-        sinks.append(
-            ModelFolderSink(
-                p.sink_dir,
-                config=sources[index[newest.path]].config,
-                copy_from=files if has_files else None,
-                extra_files={PMA_JSON: p.result.record.to_json()},
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-            )
-        )
-    linear = get_method("linear")
     outputs = [
-        OutputSpec(
-            label=p.result.label,
-            method=linear,
-            models=[index[c.path] for c in p.result.checkpoints],
-            base=None,
-            model_params=[{"weight": w} for w in p.result.weights],
-            params={"normalize": False},
-            sink=sink,
-            dtype=dtype,
+        average_output(
+            p.result, p.sink_dir, sources, index, info.root, dtype, max_shard_size=max_shard_size, overwrite=overwrite
         )
-        for p, sink in zip(planned, sinks, strict=True)
+        for p in planned
     ]
     try:
         check_same_tensors(sources, labels)
         plan = build_plan(sources, labels, outputs)
         stats = run_plan(plan, device=device, check_finite=True, progress=progress)
     except NonFiniteError as exc:
-        # never average a spiked checkpoint; the engine's hint (--allow-nonfinite) does not apply here
-        message = str(exc).split(" (pass --allow-nonfinite")[0]
+        if not exc.in_input:
+            raise
         raise NonFiniteError(
-            f"{message}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
+            f"{exc}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
             f"or see `mergescale pma recover`"
         ) from None
     finally:
         for source in sources:
             source.close()
-    for p, sink in zip(planned, sinks, strict=True):
+    for p, sink in zip(planned, (o.sink for o in outputs), strict=True):
         p.result.out_dir = p.sink_dir
         p.result.stats = stats
         if isinstance(sink, MemorySink):
@@ -505,11 +496,3 @@ def check_same_tensors(sources: Sequence[Any], labels: Sequence[str]) -> None:
             f"{labels[i]}: tensor {name!r} has shape {lay[name]} but {layouts[ref][name]} in {others}"
         )
 
-
-def read_record(folder: str | Path) -> PMARecord:
-    """The ``pma.json`` of an averaged model folder."""
-    path = Path(folder) / PMA_JSON
-    try:
-        return PMARecord.model_validate(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a valid pma.json ({exc})") from None

@@ -14,7 +14,6 @@ so step s of every arm sees the same batch, and a resumed arm starts at the batc
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import statistics
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Subset
 
 from mergescale.errors import ConfigError, InputModelError
+from mergescale.io.folders import read_model_config
 from mergescale.pma.curves import ModelScorer, load_weights_into
 
 
@@ -298,7 +298,10 @@ def pma_init(
     last = Path(last_checkpoint)
     if isinstance(average, PMAResult):
         if average.state_dict is not None:
-            start: Start = (average.config or _config_of(last), average.state_dict)
+            start: Start = (
+                average.config or read_model_config(last, "continuing from an average in memory"),
+                average.state_dict,
+            )
         elif average.out_dir is not None:
             start = average.out_dir
         else:
@@ -312,13 +315,6 @@ def pma_init(
     pma = train_arm(start, data, settings, callbacks=callbacks, **common)  # type: ignore[arg-type]
     base = train_arm(last, data, settings, **common)  # type: ignore[arg-type]
     return PMAInitResult(pma=pma, last=base, averaged_steps=averaged, last_step=_step_of(last))
-
-
-def _config_of(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputModelError(f"{folder}: cannot read config.json ({exc})") from None
 
 
 def _step_of(folder: Path) -> int | None:

@@ -170,7 +170,7 @@ def load_weights_into(model: Any, state_dict: Mapping[str, torch.Tensor]) -> Non
     if set(state) - set(own):
         state = _converted(model, state)
     result = model.load_state_dict(state, strict=False)
-    missing = [n for n in result.missing_keys if not _tied(model, n)]
+    missing = [n for n in result.missing_keys if not is_tied_head(model, n)]
     if missing:
         raise InputModelError(f"no weights for {missing[0]!r} ({len(missing)} missing)")
     if result.unexpected_keys:
@@ -187,7 +187,8 @@ def _converted(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         return {k: v.detach().clone() for k, v in loaded.state_dict().items()}
 
 
-def _tied(model: torch.nn.Module, name: str) -> bool:
+def is_tied_head(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` is an output head tied to the input embeddings (merges and averages omit it)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return out is not None and inp is not None and out.weight is inp.weight and name.endswith("lm_head.weight")

@@ -20,7 +20,7 @@ import torch
 
 from mergescale.errors import InputModelError, NonFiniteScoreWarning, TaskError
 from mergescale.io.checkpoint import open_checkpoint
-from mergescale.io.writer import TOKENIZER_FILES
+from mergescale.io.sources import is_dcp
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -51,15 +51,6 @@ def load_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def find_tokenizer_folder(candidates: Sequence[Path | None]) -> Path:
-    """The first folder holding tokenizer files."""
-    for folder in candidates:
-        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
-            return folder
-    names = ", ".join(str(c) for c in candidates if c is not None)
-    raise InputModelError(f"no tokenizer files in {names}; the held-out loss needs a tokenizer")
-
-
 def load_causal_lm(
     folder: str | Path, config: dict[str, Any] | None = None, *, trust_remote_code: bool = False
 ) -> torch.nn.Module:
@@ -72,7 +63,7 @@ def load_causal_lm(
 
     folder = Path(folder)
     check_remote_code(folder, trust_remote_code=trust_remote_code)
-    if config is None and (folder / "config.json").is_file() and not (folder / ".metadata").is_file():
+    if config is None and (folder / "config.json").is_file() and not is_dcp(folder):
         return AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
         ).eval()
@@ -91,21 +82,15 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_config(
             AutoConfig.for_model(**cfg_dict), trust_remote_code=trust_remote_code
         ).float()
-        result = model.load_state_dict({n: source.read(n) for n in source.info()}, strict=False)
+        from mergescale.pma.curves import load_weights_into
+
+        try:
+            load_weights_into(model, {n: source.read(n) for n in source.info()})
+        except InputModelError as exc:
+            raise InputModelError(f"{folder}: {exc}") from None
     finally:
         source.close()
-    missing = [n for n in result.missing_keys if not _tied(model, n)]
-    if missing:
-        raise InputModelError(f"{folder}: no weights for {missing[0]!r} ({len(missing)} missing)")
     return model.eval()
-
-
-def _tied(model: torch.nn.Module, name: str) -> bool:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (
-        out is not None and inp is not None and out.weight is inp.weight and name.endswith("lm_head.weight")
-    )
 
 
 def folder_loss(

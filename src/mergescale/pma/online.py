@@ -29,7 +29,10 @@ from transformers import TrainerCallback
 
 from mergescale import __version__
 from mergescale.errors import ConfigError, InputModelError
-from mergescale.io.writer import GENERATION_CONFIG, TOKENIZER_FILES, AtomicFolder, ModelFolderSink
+from mergescale.io.atomic import AtomicFolder
+from mergescale.io.folders import copy_model_files
+from mergescale.io.writer import ModelFolderSink
+from mergescale.pma.record import PMA_JSON, PMARecord
 from mergescale.pma.weights import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,6 @@ log = logging.getLogger(__name__)
 STATE_DIR = "pma_state"  # inside each checkpoint-<step>/ folder
 _STATE_TENSORS = "average.safetensors"
 _STATE_JSON = "state.json"
-ONLINE_JSON = "pma.json"
 
 
 def _state_dict(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -204,18 +206,19 @@ class PMAAverager:
         self.load_state_dict({**meta, "average": average})
 
     # -- output ---------------------------------------------------------------------------------------------
-    def record(self, **extra: Any) -> dict[str, Any]:
-        """What ``pma.json`` of an online average says."""
-        return {
-            "mergescale_version": __version__,
-            "mode": "online",
-            "strategy": self.strategy,
-            "alpha": self.alpha if self.strategy == "ema" else None,
-            "updates": self.count,
-            "first_step": self.first_step,
-            "last_step": self.last_step,
-            **extra,
-        }
+    def record(self, every: int | None = None, start_step: int | None = None) -> PMARecord:
+        """What ``pma.json`` of an online average says (``every`` and ``start_step``: the schedule, when known)."""
+        return PMARecord(
+            mergescale_version=__version__,
+            mode="online",
+            strategy=self.strategy,
+            alpha=self.alpha if self.strategy == "ema" else None,
+            updates=self.count,
+            first_step=self.first_step,
+            last_step=self.last_step,
+            every=every,
+            start_step=start_step,
+        )
 
     def save_pretrained(
         self,
@@ -235,11 +238,16 @@ class PMAAverager:
         weights, config and generation config are handled the Hugging Face way); otherwise the tensors are
         written as safetensors with ``config`` (a dict) as ``config.json``. Tokenizer files are copied from
         ``copy_from`` when given, or written by ``tokenizer.save_pretrained``; ``pma.json`` records the
-        averager's settings.
+        averager's settings (:class:`~mergescale.pma.record.PMARecord`; ``record`` adds its ``every`` and
+        ``start_step``).
         """
         path = Path(path)
+        extra = dict(record or {})
+        unknown = sorted(set(extra) - {"every", "start_step"})
+        if unknown:
+            raise ConfigError(f"{PMA_JSON} of an online average has no field {unknown[0]!r} (every, start_step)")
         averaged = self.averaged_state_dict(dtype)
-        text = json.dumps(self.record(**(record or {})), indent=2) + "\n"
+        text = self.record(**extra).to_json()
         if model is not None and hasattr(model, "save_pretrained"):
             atomic = AtomicFolder(path, overwrite=overwrite)
             tmp = atomic.create()
@@ -248,11 +256,8 @@ class PMAAverager:
                 if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                     tokenizer.save_pretrained(tmp)
                 if copy_from is not None:
-                    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-                        src = Path(copy_from) / name
-                        if src.is_file() and not (tmp / name).exists():
-                            (tmp / name).write_bytes(src.read_bytes())
-                (tmp / ONLINE_JSON).write_text(text)
+                    copy_model_files(Path(copy_from), tmp, keep_existing=True)
+                (tmp / PMA_JSON).write_text(text)
                 atomic.commit()
             except BaseException:
                 atomic.abort()
@@ -262,7 +267,7 @@ class PMAAverager:
             path,
             config=dict(config) if config is not None else None,
             copy_from=Path(copy_from) if copy_from is not None else None,
-            extra_files={ONLINE_JSON: text},
+            extra_files={PMA_JSON: text},
             overwrite=overwrite,
         )
         sink.begin([(n, tuple(t.shape), t.dtype) for n, t in averaged.items()])
@@ -322,7 +327,7 @@ class PMACallback(TrainerCallback):
         """Restore the average saved with a checkpoint (``<checkpoint_dir>/pma_state``)."""
         self.averager.load_state(Path(checkpoint_dir) / STATE_DIR)
 
-    def _record(self) -> dict[str, Any]:
+    def _record(self) -> dict[str, int]:
         return {"every": self.every, "start_step": self.start_step}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from mergescale.device import check_device
-from mergescale.errors import ConfigError, InputModelError
+from mergescale.dtypes import parse_dtype
+from mergescale.errors import InputModelError
+from mergescale.io.atomic import check_output_folder
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.io.discover import CheckpointRef, LossPoint, RunInfo, discover_run, read_loss_log
-from mergescale.io.writer import check_output_folder
+from mergescale.io.folders import CONFIG_JSON, find_tokenizer_folder, read_model_config
 from mergescale.pma.average import (
     PMAResult,
     PMASettings,
-    _dtype,
     _Planned,
     _stream,
     check_apart_from_checkpoints,
@@ -121,7 +122,7 @@ def recover(
             f"step {first})"
         )
     window = [info.checkpoints[i] for i in picked]
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype, key="--dtype")
     sub = RunInfo(root=info.root, checkpoints=window, skipped=info.skipped)
     result.averaged = choose(
         sub,
@@ -167,12 +168,12 @@ def _compare(
     batch_size: int,
     trust_remote_code: bool = False,
 ) -> dict[str, float]:
-    from mergescale.pma.heldout import find_tokenizer_folder, folder_loss
+    from mergescale.pma.heldout import folder_loss
 
-    tokenizer = find_tokenizer_folder([averaged, rollback.path, rollback.folder, info.root])
+    tokenizer = find_tokenizer_folder([averaged, rollback.path, rollback.folder, info.root], "the held-out loss")
     config = None
-    if not (rollback.path / "config.json").is_file():
-        config = _config_of(averaged)
+    if not (rollback.path / CONFIG_JSON).is_file():  # a DCP checkpoint: built with the average's config
+        config = read_model_config(averaged, "evaluating the rollback checkpoint")
     return {
         "average": folder_loss(
             averaged,
@@ -191,11 +192,3 @@ def _compare(
         ),
     }
 
-
-def _config_of(folder: Path) -> dict | None:
-    import json
-
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no config.json; cannot evaluate the rollback checkpoint")
-    return json.loads(path.read_text())

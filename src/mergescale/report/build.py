@@ -9,16 +9,14 @@ folder as a report, which a rerun may replace without ``overwrite``), ``figures/
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mergescale.errors import ConfigError, OutputError
+from mergescale.io.atomic import AtomicFolder  # imports no torch (2.7 s of a report's ~12)
 from mergescale.report.data import ReportData, load, prepare
 from mergescale.report.figures import FIGURES, save
 from mergescale.report.findings import Finding, Rules, evaluate_findings
@@ -48,30 +46,6 @@ class ReportResult:
     @property
     def paths(self) -> tuple[Path, ...]:
         return (self.html, self.markdown, self.out_dir / REPORT_MARKER, *self.figures, *self.tables)
-
-
-class _AtomicFolder:
-    """A hidden temporary sibling of ``target`` that replaces it whole on :meth:`commit` (the old folder is renamed
-    aside, then deleted) and vanishes on :meth:`abort`. The same scheme as ``mergescale.io.writer.AtomicFolder``,
-    without importing torch (which that module needs for its tensor sinks): 2.7 s of a report's ~12."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-
-    def commit(self) -> None:
-        trash = None
-        if self.target.exists():
-            trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            self.target.rename(trash)
-        self.tmp.rename(self.target)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _is_report(folder: Path) -> bool:
@@ -130,8 +104,8 @@ def build_report(
     data = prepare(loaded)
     findings = evaluate_findings(data, rules)
 
-    folder = _AtomicFolder(out)
-    tmp = folder.tmp
+    folder = AtomicFolder(out, overwrite=True)  # check_output decided what may be replaced
+    tmp = folder.create()
     try:
         figures, rendered, missing = _draw(data, tmp, tick)
         tick("writing tables and pages", 0, 1)

@@ -473,10 +473,13 @@ def pma_loss_curve(data: ReportData) -> Figure | None:
         for n, (key, pts) in enumerate(sorted(series.items(), key=lambda kv: repr(kv[0]))):
             ax.plot([p.end_step for p in pts], [p.loss for p in pts], color=_PALETTE[n % len(_PALETTE)], lw=1.4,
                     marker=".", ms=4, label=_series_label(key))  # fmt: skip
+        # one annealed model per run (the run's end, annealed): a reference level, drawn once at the last step
         annealed = sorted({(p.end_step, p.annealed_loss) for p in mine if p.annealed_loss is not None})
         if annealed:
-            ax.scatter(*zip(*annealed, strict=True), marker="*", s=180, color="#d4a017", edgecolors="black",
-                       zorder=5, label="annealed model")  # fmt: skip
+            level = annealed[-1][1]
+            ax.axhline(level, color="#d4a017", lw=1.2, ls="--", zorder=1)
+            ax.scatter([mine[-1].end_step], [level], marker="*", s=180, color="#d4a017", edgecolors="black",
+                       zorder=5, label="annealed model (end of the run)")  # fmt: skip
         ax.set_title(f"run {run}")
         ax.set_xlabel("training step (end of the averaged window)")
         ax.set_ylabel("validation loss (nats / token)")

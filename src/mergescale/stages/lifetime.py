@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mergescale.io.atomic import pid_alive as _alive
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _WATCH_SECONDS = 0.5
 
@@ -101,16 +103,6 @@ def _set_parent_death_signal() -> bool:
         return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _start_watchdog(parent_pid: int) -> None:

@@ -6,7 +6,8 @@ skipped when its record under ``DIR/.stages/`` holds the same key and every outp
 
 1. its old record is deleted first, then its old outputs (a kill from here on leaves no record, so the stage
    is redone next time, never trusted half-written);
-2. it writes into temporary siblings ``.<name>.tmp-<pid>`` of its outputs;
+2. it writes into temporary siblings ``.<name>.tmp-<pid>-<random>`` of its outputs
+   (:class:`mergescale.io.atomic.AtomicPath`);
 3. each temporary output is renamed into place;
 4. the record is written (atomically), last.
 Leftover temporary siblings of a killed run are removed when the stage runs again.
@@ -14,9 +15,6 @@ Leftover temporary siblings of a killed run are removed when the stage runs agai
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mergescale.io.atomic import AtomicPath, remove, write_json_atomic
 from mergescale.stages.keys import stage_key
 
 __all__ = ["StageRecord", "StageStore", "remove", "stage_key", "write_json_atomic"]
@@ -37,20 +36,6 @@ class StageRecord(BaseModel):
     finished: str
     info: dict[str, Any] = {}
     skipped: bool = False  # set on the returned copy when the cache answered (never stored)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class StageStore:
@@ -90,22 +75,18 @@ class StageStore:
         if cached is not None:
             return cached.model_copy(update={"skipped": True})
         remove(self._record_path(name))
-        temps = []
+        temps = [AtomicPath(out) for out in outputs]
         for out in outputs:
             remove(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            for stale in out.parent.glob(f".{out.name}.tmp-*"):
-                remove(stale)
-            temps.append(out.with_name(f".{out.name}.tmp-{os.getpid()}"))
         start = time.perf_counter()
         try:
-            info = fn(temps) or {}
+            info = fn([t.create() for t in temps]) or {}
         except BaseException:
             for tmp in temps:
-                remove(tmp)
+                tmp.abort()
             raise
-        for tmp, out in zip(temps, outputs, strict=True):
-            os.replace(tmp, out)
+        for tmp in temps:
+            tmp.commit()
         rec = StageRecord(
             name=name,
             key=key,

@@ -32,7 +32,7 @@ from mergescale.io.writer import MemorySink, ModelFolderSink, TensorSink
 from mergescale.methods import get_method
 from mergescale.study.diagnostics import Diagnostic, TaskVectorStats
 from mergescale.study.grid import BaselineCell, MergeCell, StudyGroup
-from mergescale.study.models import GroupModel, TaskScore
+from mergescale.study.models import GroupModel, TaskScore, quiet_transformers
 from mergescale.study.pma_jobs import PMAJob, PMAJobResult, run_pma_job
 from mergescale.study.spec import EvalSpec
 
@@ -131,7 +131,8 @@ class StudyWorker:
     def run(self, job: BaselineJob | DrawJob | PMAJob) -> JobResult | PMAJobResult:
         start = time.perf_counter()
         reset_peak_rss()
-        with warnings.catch_warnings(record=True) as caught:
+        # no per-load / per-save progress bars from transformers inside a study (it has its own), restored after
+        with warnings.catch_warnings(record=True) as caught, quiet_transformers():
             warnings.simplefilter("always")
             if isinstance(job, PMAJob):
                 result: JobResult | PMAJobResult = run_pma_job(job, self.context.eval.batch_size)

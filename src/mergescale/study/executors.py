@@ -104,7 +104,10 @@ def _run_ray(
     workers: int,
     threads: int | None,
     address: str | None,
+    task: Callable[[StudyContext, Any, int | None], Any] = _ray_task,
 ) -> None:
+    """One Ray task per job (``task(context, payload, threads)``), submitted once its dependencies are recorded;
+    results are handed to ``on_done`` here, in the order they finish."""
     try:
         import ray
     except ImportError:
@@ -116,7 +119,7 @@ def _run_ray(
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(_ray_task)
+        remote = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(task)
         context_ref = ray.put(context)
         pending = {j.name: j for j in jobs}
         finished: set[str] = set()

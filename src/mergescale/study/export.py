@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from mergescale.errors import ConfigError, OutputError
+from mergescale.io.atomic import AtomicPath
 from mergescale.study.results import StudyResults
 
 COLUMNS = (
@@ -25,25 +25,21 @@ def export_rows(results: StudyResults, output: str | Path) -> int:
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name")
     rows = results.rows()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
-            with tmp.open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-        else:
-            try:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ConfigError("Parquet export needs pyarrow: pip install pyarrow (or export to .csv)") from None
-            table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COLUMNS})
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with AtomicPath(path) as tmp:
+            if suffix == ".csv":
+                with tmp.open("w", newline="", encoding="utf-8") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+                    writer.writeheader()
+                    writer.writerows(rows)
+            else:
+                try:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
+                except ImportError:
+                    raise ConfigError("Parquet export needs pyarrow: pip install pyarrow (or export to .csv)") from None
+                table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COLUMNS})
+                pq.write_table(table, tmp)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return len(rows)

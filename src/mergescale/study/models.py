@@ -70,45 +70,32 @@ class GroupModel:
         return sum(t.numel() * t.element_size() for t in self._targets.values())
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy a merged state dict into the model (tied heads, absent from merges, follow their embedding)."""
+        """Copy a merged state dict into the model (tied heads, absent from merges, follow their embedding; stored
+        names that differ from the model's, as for Mixture-of-Experts weights, are converted)."""
+        from mergescale.pma.curves import load_weights_into
+
         with torch.no_grad():
-            for name, tensor in state_dict.items():
-                self._target(name).copy_(tensor)
-        self._check_complete(state_dict.keys())
+            load_weights_into(self.model, state_dict)
 
     def load_folder(self, path: str) -> None:
-        """Copy a model folder's weights into the model, one tensor at a time."""
+        """Copy a model folder's weights into the model, one tensor at a time (all at once only when its stored
+        names need converting to the model's)."""
+        from mergescale.pma.curves import is_tied_head
+
         source = open_checkpoint(path)
         try:
+            names = list(source.info())
+            if not set(names) <= set(self._targets):
+                self.load_state_dict({n: source.read(n) for n in names})
+                return
             with torch.no_grad():
-                for name in source.info():
-                    if name in self._targets:
-                        self._target(name).copy_(source.read(name))
-            self._check_complete(source.info().keys())
+                for name in names:
+                    self._targets[name].copy_(source.read(name))
+            missing = [n for n in self._targets if n not in set(names) and not is_tied_head(self.model, n)]
+            if missing:
+                raise InputModelError(f"{path}: no weights for {missing[0]!r} ({len(missing)} missing)")
         finally:
             source.close()
-
-    def _target(self, name: str) -> torch.Tensor:
-        try:
-            return self._targets[name]
-        except KeyError:
-            raise InputModelError(f"tensor {name!r} is not a weight of the evaluation model") from None
-
-    def _check_complete(self, names: Any) -> None:
-        missing = [n for n in self._targets if n not in set(names) and not self._tied(n)]
-        if missing:
-            raise InputModelError(f"weights missing for the evaluation model, e.g. {missing[0]!r}")
-
-    def _tied(self, name: str) -> bool:
-        head = self.model.get_output_embeddings()
-        emb = self.model.get_input_embeddings()
-        return (
-            head is not None
-            and emb is not None
-            and name.endswith("weight")
-            and self._targets[name] is head.weight
-            and head.weight is emb.weight
-        )
 
     def score(self, tasks: Sequence[Any], split: str = "test") -> list[TaskScore]:
         """Every metric of each task on ``split``; non-finite values become undefined, with a warning."""
