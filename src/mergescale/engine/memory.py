@@ -39,7 +39,8 @@ from mergescale.methods.blocked import BlockedMerge, TensorMeta, block_bounds
 WHOLE_BYTES = 1 << 30
 """Without a budget, a stacked product whose stack (and base) fit in this many bytes runs on the whole tensor."""
 BLOCK_BYTES = 256 << 20
-"""Largest working memory of one block of a blocked product (float32 rows of every input, temporaries)."""
+"""Largest working memory of one block of a blocked product (:func:`block_row_bytes`: on the CPU the populated
+pages of every input's rows, the base's rows in float32 and the method's temporaries)."""
 DEFAULT_PREFETCH = {True: 256 << 20, False: 128 << 20}
 """Read-ahead byte budget when every output is linear (True) or not."""
 
