@@ -91,7 +91,7 @@ def test_column_ranges_of_workers_and_odd_chunks_keep_the_result(method, mp, par
         assert torch.equal(got, whole), (method, lazy)
 
 
-def test_blocked_methods_are_the_task_arithmetic_family():
+def test_the_methods_that_declare_a_blocked_form():
     """The methods that declare a blocked form (the rest keep the whole-tensor path, docs/performance.md)."""
     assert {name for name in METHODS.names() if METHODS.get(name).blocked is not None} == {
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
