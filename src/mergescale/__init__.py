@@ -8,12 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "evaluate", "merge", "merge_to_memory", "pma"]
+__all__ = ["__version__", "evaluate", "merge", "merge_to_memory", "plan_memory", "pma"]
 
 # The public API, imported on first use so `import mergescale` (and the CLI's start) stays light.
 _LAZY = {
     "merge": ("mergescale.api", "merge"),
     "merge_to_memory": ("mergescale.api", "merge_to_memory"),
+    "plan_memory": ("mergescale.api", "plan_memory"),
     "pma": ("mergescale.pma", "average_checkpoints"),
     "evaluate": ("mergescale.evaluate", "evaluate"),
 }

@@ -24,6 +24,8 @@ from mergescale.config import (
     slice_specs,
 )
 from mergescale.device import check_device
+from mergescale.engine.memory import MemoryPlan
+from mergescale.engine.memory import plan_memory as plan_run_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, OutputTensor, ParamsFor, build_plan
 from mergescale.engine.stream import StreamStats, run_plan
 from mergescale.errors import ConfigError
@@ -328,6 +330,7 @@ def merge(
     copy_tokenizer: bool = True,
     progress: bool = True,
     strict: bool = False,
+    max_memory: int | str | None = None,
 ) -> MergeResult:
     """Merge the models of a mergekit-style config into a Hugging Face folder at ``out_dir``.
 
@@ -336,7 +339,9 @@ def merge(
     size), the tokenizer (copied from the tokenizer source, or built for ``tokenizer_source``/``chat_template``)
     and ``mergekit_config.yml`` into a temporary folder renamed into place at the end. Data-aware methods
     compute their missing calibration statistics first. ``strict`` makes keys and parameters mergekit would
-    ignore errors instead of warnings.
+    ignore errors instead of warnings. ``max_memory`` (bytes or a size like ``"16GB"``) bounds the process's
+    peak memory: large tensors of stacked methods are merged over row blocks that fit (see
+    :func:`plan_memory`); a budget too small for one block is refused before anything is read.
 
     Raises:
         ConfigError, InputModelError, TensorMismatchError, NonFiniteError, OutputError: before anything is
@@ -361,7 +366,8 @@ def merge(
         sink = ModelFolderSink(out, max_shard_size=max_shard_size, overwrite=overwrite,
                                **_folder_contents(cfg, parts, donor, copy_tokenizer))  # fmt: skip
         plan = build_plan(pool.sources, pool.labels, [parts.spec(sink, "merge")])
-        stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress)
+        stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress,
+                         max_memory=max_memory)  # fmt: skip
     return MergeResult(out, stats)
 
 
@@ -393,12 +399,44 @@ def merge_to_memory(
     allow_nonfinite: bool = False,
     progress: bool = False,
     strict: bool = False,
+    max_memory: int | str | None = None,
 ) -> MergeResult:
-    """Merge without writing: the merged weights come back as a state dict (e.g. to evaluate in memory)."""
+    """Merge without writing: the merged weights come back as a state dict (e.g. to evaluate in memory).
+    ``max_memory`` as in :func:`merge` (the merged weights held in memory count in it)."""
     check_device(device)
     cfg = _as_config(config, strict)
     sink = MemorySink()
     with SourcePool() as pool:
         plan = plan_merges([(cfg, sink)], pool=pool)
-        stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress)
+        stats = run_plan(plan, device=device, check_finite=not allow_nonfinite, progress=progress,
+                         max_memory=max_memory)  # fmt: skip
     return MergeResult(None, stats, sink.state_dict)
+
+
+def plan_memory(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    *,
+    max_memory: int | str | None = None,
+    device: str = "cpu",
+    strict: bool = False,
+) -> MemoryPlan:
+    """The memory a merge of ``config`` will need, from the models' headers only (no weight is read).
+
+    Returns the :class:`~mergescale.engine.memory.MemoryPlan` :func:`merge` would follow with this
+    ``max_memory``: its ``peak`` (bytes: this process now plus the largest tensor job's outputs, read-ahead,
+    pending writes and working memory) and ``describe()`` lines. Raises
+    :class:`~mergescale.engine.memory.MemoryBudgetError` when ``max_memory`` cannot hold one block of some
+    tensor, as :func:`merge` would before reading anything.
+
+    >>> plan_memory("ties-70b.yaml", max_memory="48GB").peak / 1e9           # doctest: +SKIP
+    31.7
+    """
+    check_device(device)
+    cfg = _as_config(config, strict)
+    if isinstance(max_memory, str):
+        from mergescale.io.writer import parse_size
+
+        max_memory = parse_size(max_memory, "max memory")
+    with SourcePool() as pool:
+        plan = plan_merges([(cfg, MemorySink())], pool=pool)
+        return plan_run_memory(plan, max_memory=max_memory, device=device)

@@ -10,7 +10,7 @@ from mergescale.config import load_config
 from mergescale.errors import ConfigError
 from mergescale.io.writer import MemorySink
 from mergescale.methods import get_method
-from mergescale.methods.base import TensorParams
+from mergescale.methods.base import TensorMeta
 
 
 def _config(m, method, model_params, params=None):
@@ -60,5 +60,5 @@ def test_fisher_without_statistics_needs_a_weight_sum():
     check = get_method("fisher").check_params
     params = [{"weight": 1.0}, {"weight": -1.0}]
     with pytest.raises(ConfigError, match=r"fisher: tensor 'w': model weights sum to 0"):
-        check(TensorParams("w", 2, False, params, {}))
-    check(TensorParams("w", 2, False, params, {}, statistics=frozenset({"fisher"})))  # Fisher-weighted: no Σw
+        check(TensorMeta("w", (3,), 2, False, params, {}))
+    check(TensorMeta("w", (3,), 2, False, params, {}, statistics=frozenset({"fisher"})))  # Fisher-weighted: no Σw

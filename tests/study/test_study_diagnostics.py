@@ -115,3 +115,17 @@ def test_outputs_are_split_to_fit_the_budget(tmp_path: Path) -> None:
     tiny = StudyContext("s", EvalSpec(), (), False, 6_000, str(tmp_path))
     chunks, scratch = plan_chunks(job, outputs, tiny, model_bytes)
     assert scratch == {(c.key, 0) for c in cells} and len(chunks) == len(cells)
+
+
+def test_stacked_methods_that_block_cost_one_block_on_large_tensors(monkeypatch):
+    """The engine merges a large tensor of TIES over row blocks: the study plans that, not the whole stack;
+    methods without a blocked form still cost their stack."""
+    import mergescale.engine.memory as memory
+    from mergescale.methods import get_method
+
+    numel, k = 50_000_000, 8
+    ties, slerp = get_method("ties"), get_method("slerp")
+    assert memory.stacked_working_bytes(ties.blocked is not None, 2, 1000) == 4 * 1000 * 4  # small: whole
+    blocked = memory.stacked_working_bytes(ties.blocked is not None, k, numel)
+    assert blocked == memory.BLOCK_BYTES + int(0.1 * k * numel) < 4 * numel * (k + 2)
+    assert memory.stacked_working_bytes(slerp.blocked is not None, k, numel) == 4 * numel * (k + 2)

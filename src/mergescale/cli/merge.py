@@ -44,10 +44,24 @@ def merge_command(
         False, "--strict", help="Refuse keys and parameters mergekit would ignore (default: warn and go on)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    max_memory: str = typer.Option(
+        None, "--max-memory", metavar="SIZE",
+        help="Peak memory budget, e.g. 16GB: large tensors of stacked methods (TIES, DARE, ...) are merged over "
+             "row blocks that fit. Default: stacks over 1 GiB are blocked.",
+    ),  # fmt: skip
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only print the memory the merge will need (reads headers only; writes nothing)."
+    ),
 ) -> None:
     """Merge models described by a mergekit-style YAML config, streaming tensor by tensor."""
-    from mergescale.api import merge
+    from mergescale.api import merge, plan_memory
 
+    if dry_run:
+        with _config_warnings_printed():
+            planned = plan_memory(config, max_memory=max_memory, device=device, strict=strict)
+        for line in planned.describe():
+            console.print(line, highlight=False, soft_wrap=True)
+        return
     with _config_warnings_printed():
         try:
             result = merge(
@@ -59,6 +73,7 @@ def merge_command(
                 allow_nonfinite=allow_nonfinite,
                 progress=not quiet,
                 strict=strict,
+                max_memory=max_memory,
             )
         except NonFiniteError as exc:
             if not exc.in_input:
@@ -67,7 +82,8 @@ def merge_command(
     s = result.stats
     console.print(
         f"[green]merged[/] {s.tensors} tensors into {out_dir} in {s.seconds:.1f} s "
-        f"({s.bytes_read / 1e9:.2f} GB read, {s.gb_per_s:.2f} GB/s)"
+        f"({s.bytes_read / 1e9:.2f} GB read, {s.gb_per_s:.2f} GB/s; peak memory {s.peak_rss / 1e9:.2f} GB, "
+        f"planned {s.planned_peak / 1e9:.2f} GB)"
     )
 
 

@@ -26,7 +26,7 @@ import torch
 from mergescale.errors import ConfigError, InputModelError, TensorMismatchError
 from mergescale.io.checkpoint import TensorInfo, TensorSource
 from mergescale.io.writer import TensorSink
-from mergescale.methods.base import MergeMethod, ParamValue, TensorParams
+from mergescale.methods.base import MergeMethod, ParamValue, TensorMeta
 
 if TYPE_CHECKING:
     from mergescale.vocabulary import VocabularyAlignment
@@ -412,8 +412,9 @@ def _check_params(out: OutputSpec, product: Product) -> None:
     method = out.method
     if method.check_params is not None:
         method.check_params(
-            TensorParams(
+            TensorMeta(
                 name=product.name,
+                shape=tuple(product.shape),
                 k=len(product.models),
                 has_base=product.base is not None,
                 model_params=product.model_params,

@@ -19,6 +19,7 @@ Any error or Ctrl-C aborts every sink, so no output folder is left behind.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import queue
 import threading
@@ -32,10 +33,13 @@ from typing import Protocol
 import torch
 
 from mergescale.device import check_device
+from mergescale.engine.blocks import run_blocked
 from mergescale.engine.buffers import BufferPool
 from mergescale.engine.linear_fold import Block, fold_blocks
+from mergescale.engine.memory import MemoryPlan, PeakRss, ProductMemory, plan_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
 from mergescale.errors import NonFiniteError
+from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
 
 _DONE = object()
@@ -49,12 +53,20 @@ class InputObserver(Protocol):
 
 @dataclass
 class StreamStats:
-    """What a run cost: wall time, bytes read and tensors produced."""
+    """What a run cost: wall time, bytes read, tensors produced, memory planned and used.
+
+    ``peak_rss``: the process's peak resident set size during the run (bytes; mapped input pages count);
+    ``planned_peak``: what the memory plan expected (:mod:`.memory`); ``blocked``: output tensors computed
+    over row blocks.
+    """
 
     seconds: float = 0.0
     bytes_read: int = 0
     tensors: int = 0
     outputs: int = 0
+    peak_rss: int = 0
+    planned_peak: int = 0
+    blocked: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -115,6 +127,7 @@ class _OutputState:
     base: torch.Tensor | None = None  # (*shape) float32
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # read -> float32 input, before vocabulary alignment
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (k, ...) float32 stack
+    memory: ProductMemory | None = None  # how it is computed ("blocked": over row blocks of the held inputs)
 
 
 def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
@@ -217,6 +230,7 @@ def run_plan(
     threads: int | None = 1,
     workers: int | None = None,
     observers: Sequence[InputObserver] = (),
+    max_memory: int | str | None = None,
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -237,17 +251,30 @@ def run_plan(
             most 4). Each runs torch single-threaded on its own slice, so no OpenMP team is woken.
         observers: each is shown every input tensor as it arrives (``observe(job, source, tensor)``, in the
             computing thread, before any method runs; ``read`` says which source and tensor name it is), e.g. to
-            compute task-vector statistics from the same read.
+            compute task-vector statistics from the same read. Inputs of blocked products are shown as read
+            (their memory maps, on the CPU).
+        max_memory: budget for the process's peak memory (bytes, or a size like ``"16GB"``): stacked methods
+            that can block (:mod:`mergescale.methods.blocked`) run over row blocks sized to keep within it, and
+            a budget that cannot hold one block raises :class:`~.memory.MemoryBudgetError` before anything is
+            read. None: stacks over 1 GiB are blocked in blocks of at most 256 MiB (:mod:`.memory`).
 
     The plan's sources stay open: whoever opened them closes them. Process-wide settings the run changes (torch
     threads, the allocator's, :func:`allocator_settings`) are restored when it returns.
 
     Returns:
-        :class:`StreamStats` of the run. On any exception every sink is aborted and the exception re-raised.
+        :class:`StreamStats` of the run (with its peak RSS and the planned peak). On any exception every sink is
+        aborted and the exception re-raised.
     """
     device = check_device(device)
-    with allocator_settings():
-        return _run_plan(plan, device, check_finite, progress, prefetch_bytes, threads, workers, observers)
+    if isinstance(max_memory, str):
+        from mergescale.io.writer import parse_size
+
+        max_memory = parse_size(max_memory, "max memory")
+    memory = plan_memory(plan, max_memory=max_memory, device=device, prefetch_bytes=prefetch_bytes)
+    with allocator_settings(), PeakRss() as rss:
+        stats = _run_plan(plan, device, check_finite, progress, memory, threads, workers, observers)
+    stats.peak_rss, stats.planned_peak = rss.peak, memory.peak
+    return stats
 
 
 def _run_plan(
@@ -255,7 +282,7 @@ def _run_plan(
     device: torch.device,
     check_finite: bool,
     progress: bool | Callable[[int, int], None],
-    prefetch_bytes: int | None,
+    memory: MemoryPlan,
     threads: int | None,
     workers: int | None,
     observers: Sequence[InputObserver],
@@ -263,13 +290,11 @@ def _run_plan(
     saved_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
-    stats = StreamStats(outputs=len(plan.outputs))
+    stats = StreamStats(outputs=len(plan.outputs), blocked=memory.blocked)
     start = time.perf_counter()
     for out in plan.outputs:
         out.sink.begin(plan.layout(out))
-    if prefetch_bytes is None:
-        all_linear = all(out.method.linear_coefficients is not None for out in plan.outputs)
-        prefetch_bytes = (256 if all_linear else 128) << 20
+    prefetch_bytes = memory.prefetch
     budget = _ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
     # Results wait for the writer up to a byte bound, not an item count: a sweep makes nine outputs per tensor,
@@ -278,7 +303,8 @@ def _run_plan(
     write_budget = _ByteBudget(prefetch_bytes)
     errors: list[BaseException] = []
     pool = BufferPool(max_idle_bytes=prefetch_bytes)
-    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q), daemon=True)
+    lazy = [jm.lazy for jm in memory.jobs]
+    reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, lazy), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, write_budget, errors), daemon=True)
     bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -290,10 +316,10 @@ def _run_plan(
         reader.start()
         writer.start()
         with bar:
-            consumed = _consume(plan, read_q, budget, device, bar, stats, check_finite, folder, observers)
-            for job, state in consumed:
+            consumed = _consume(plan, memory, read_q, budget, device, bar, stats, check_finite, folder, observers)
+            for job, state, held in consumed:
                 for out_state in state:
-                    result = _finish(job, out_state, plan)
+                    result = _finish(job, out_state, plan, held, device, pool, check_finite, executor, n_workers)
                     # drop this job's stack now, before the cast allocates: loop variables would keep it alive
                     # while the next job's stack is allocated, doubling the peak memory of stacked methods
                     out_state.stack = out_state.base = out_state.acc = out_state.result = None
@@ -308,6 +334,7 @@ def _run_plan(
                     del result
                     if errors:
                         raise errors[0]
+                held.release()
                 stats.tensors += len({p.name for p in job.products})
             write_q.put(_DONE)
             writer.join()
@@ -349,16 +376,20 @@ def _empty(
     return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)
 
 
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue) -> None:
+def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, lazy: Sequence[frozenset[int]]) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for r, read in enumerate(job.reads):
                 source = plan.sources[read.source]
                 if not budget.acquire(read.nbytes):  # before reading: nothing is allocated while waiting
                     return
-                # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map)
-                t = source.map(read.name)
-                read_q.put((j, r, t, read.nbytes))
+                # safetensors: a copy-on-write map of the page cache, no copy (SafetensorsCheckpoint.map); inputs
+                # of blocked products are not populated: blocks map their pages in and drop them again (only
+                # for private file maps, maps_files: dropping anonymous pages would lose them)
+                mapped = (r in lazy[j] and isinstance(source, SafetensorsCheckpoint) and source.maps_files
+                          and read.nbytes > 0 and hasattr(mmap, "MAP_PRIVATE"))  # fmt: skip
+                t = source.map(read.name, populate=False) if mapped else source.map(read.name)
+                read_q.put((j, r, t, read.nbytes, mapped))
         read_q.put(_DONE)
     except BaseException as exc:  # hand every failure to the consumer, which aborts the sinks
         read_q.put(exc)
@@ -388,12 +419,36 @@ def _drain(q: queue.Queue) -> None:
         pass
 
 
-def _start_job(plan: MergePlan, job: TensorJob) -> list[_OutputState]:
-    return [_OutputState(plan.outputs[p.output], p, coefficients=p.coefficients) for p in job.products]
+def _start_job(plan: MergePlan, job: TensorJob, memory: MemoryPlan, j: int) -> list[_OutputState]:
+    return [
+        _OutputState(plan.outputs[p.output], p, coefficients=p.coefficients, memory=pm)
+        for p, pm in zip(job.products, memory.jobs[j].products, strict=True)
+    ]
+
+
+class _Held:
+    """The inputs of a job's blocked products, as read (maps), kept until the job is done."""
+
+    def __init__(self, budget: _ByteBudget) -> None:
+        self.budget = budget
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.mapped: dict[int, bool] = {}
+        self.nbytes = 0
+
+    def add(self, read: int, t: torch.Tensor, mapped: bool, nbytes: int) -> None:
+        self.tensors[read], self.mapped[read] = t, mapped
+        self.nbytes += nbytes
+
+    def release(self) -> None:
+        self.tensors, self.mapped = {}, {}
+        if self.nbytes:
+            self.budget.release(self.nbytes)
+            self.nbytes = 0
 
 
 def _consume(
     plan: MergePlan,
+    memory: MemoryPlan,
     read_q: queue.Queue,
     budget: _ByteBudget,
     device: torch.device,
@@ -402,9 +457,10 @@ def _consume(
     check_finite: bool,
     folder: _LinearFolder,
     observers: Sequence[InputObserver],
-) -> Iterator[tuple[TensorJob, list[_OutputState]]]:
+) -> Iterator[tuple[TensorJob, list[_OutputState], _Held]]:
     current: int | None = None
     states: list[_OutputState] = []
+    held = _Held(budget)
     remaining = 0
     while True:
         item = read_q.get()
@@ -412,19 +468,37 @@ def _consume(
             return
         if isinstance(item, BaseException):
             raise item
-        j, r, t, nbytes = item
+        j, r, t, nbytes, mapped = item
         budget.taken()
         job = plan.jobs[j]
         if j != current:
-            current, states, remaining = j, _start_job(plan, job), len(job.reads)
+            current, states, remaining = j, _start_job(plan, job, memory, j), len(job.reads)
+            held = _Held(budget)
             folder.start(job, states)
+        read = job.reads[r]
+        lazy = r in memory.jobs[j].lazy
+        if lazy:  # read block by block by the job's blocked products, from where it is, at the job's end
+            held.add(r, t, mapped, nbytes)
+            if all(st.memory is not None and st.memory.mode == "blocked" for st in states if r in st.product.inputs):
+                for observer in observers:
+                    observer.observe(job, read, t)
+                del t
+                remaining -= 1
+                stats.bytes_read += nbytes
+                bar.advance(nbytes)
+                if remaining == 0:
+                    yield job, states, held
+                    bar.tensor_done()
+                    current, states = None, []
+                continue
         x = t.to(device, non_blocking=True)
         del t
-        read = job.reads[r]
         for observer in observers:
             observer.observe(job, read, x)
         checked = False
         for st in states:
+            if st.memory is not None and st.memory.mode == "blocked":
+                continue
             placed = _fold_stacked(st, r, x)
             if check_finite and placed is not None and not checked:
                 # stacked inputs are checked where they landed; linear outputs once on their result
@@ -432,13 +506,14 @@ def _consume(
                 checked = True
             placed = None  # a view of the stack: it must not outlive the job
         remaining -= 1
-        if not folder.add(r, x, nbytes):  # kept inputs are released when the folder lets go of them
+        # kept inputs are released when the folder lets go of them (held ones when the job is done)
+        if not folder.add(r, x, 0 if lazy else nbytes) and not lazy:
             budget.release(nbytes)
         del x
         stats.bytes_read += nbytes
         bar.advance(nbytes)
         if remaining == 0:
-            yield job, states
+            yield job, states, held
             bar.tensor_done()
             current, states = None, []
 
@@ -597,8 +672,20 @@ def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, resu
     raise NonFiniteError(f"{st.spec.label}: tensor {st.product.name!r} overflows to Inf when merged")
 
 
-def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
+def _finish(
+    job: TensorJob,
+    st: _OutputState,
+    plan: MergePlan,
+    held: _Held,
+    device: torch.device,
+    pool: BufferPool,
+    check_finite: bool,
+    executor: Executor | None = None,
+    workers: int = 1,
+) -> torch.Tensor:
     spec, p = st.spec, st.product
+    if st.memory is not None and st.memory.mode == "blocked":
+        return _finish_blocked(job, st, plan, held, device, pool, check_finite, executor, workers)
     if not p.dtype.is_floating_point:
         assert st.acc is not None, f"{p.name}: no input reached {spec.label}"
         return st.acc
@@ -623,6 +710,42 @@ def _finish(job: TensorJob, st: _OutputState, plan: MergePlan) -> torch.Tensor:
         statistics=st.statistics,
     )
     return spec.method(inputs)
+
+
+def _finish_blocked(
+    job: TensorJob,
+    st: _OutputState,
+    plan: MergePlan,
+    held: _Held,
+    device: torch.device,
+    pool: BufferPool,
+    check_finite: bool,
+    executor: Executor | None,
+    workers: int,
+) -> torch.Tensor:
+    """A blocked product: its method over row blocks of the held inputs, straight into the output dtype."""
+    p, pm = st.product, st.memory
+    assert pm is not None and pm.merge is not None
+    reads = [*p.models, *([p.base] if p.base is not None else [])]
+    out = _empty(p.shape, plan.output_dtype(st.spec, p), torch.device("cpu"), pool)
+    before_large_allocation(pm.work, device)
+
+    def check(i: int, rows: torch.Tensor) -> None:
+        read = job.reads[reads[i]]
+        _check_finite(plan.labels[read.source], read.name, rows)
+
+    return run_blocked(
+        pm.merge,
+        pm.rows_per_block,
+        [held.tensors[r] for r in p.models],
+        held.tensors[p.base] if p.base is not None else None,
+        [held.mapped[r] for r in reads],
+        out,
+        device,
+        check if check_finite else None,
+        executor,
+        workers,
+    )
 
 
 def _align_vocabulary(job: TensorJob, st: _OutputState) -> None:

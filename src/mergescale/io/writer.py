@@ -64,21 +64,22 @@ class TensorSink(Protocol):
         """Discard everything written so far."""
 
 
-def parse_size(size: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 (decimal units, as Hugging Face uses); ``"2GiB"`` -> 2 * 2**30; ints pass."""
+def parse_size(size: str | int, what: str = "max shard size") -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units, as Hugging Face uses); ``"2GiB"`` -> 2 * 2**30; ints pass.
+    ``what`` names the setting in errors."""
     if isinstance(size, int):
         if size <= 0:
-            raise ConfigError(f"max shard size must be positive, got {size}")
+            raise ConfigError(f"{what} must be positive, got {size}")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
     if not m:
-        raise ConfigError(f"max shard size {size!r} is not a size like 5GB, 500MB or 2GiB")
+        raise ConfigError(f"{what} {size!r} is not a size like 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
     power = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4, "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}[unit]
     base = 1024 if "I" in unit else 1000
     value = int(float(m.group(1)) * base**power)
     if value <= 0:
-        raise ConfigError(f"max shard size must be positive, got {size!r}")
+        raise ConfigError(f"{what} must be positive, got {size!r}")
     return value
 
 

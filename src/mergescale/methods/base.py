@@ -9,9 +9,10 @@ allowed: the engine hands each method a buffer it owns, see :attr:`MethodInputs.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -113,29 +114,54 @@ class MethodInputs:
 
 
 @dataclass(frozen=True)
-class TensorParams:
-    """What a method's parameter check sees for one output tensor: everything of :class:`MethodInputs` but the
-    data, so it runs at plan time, before any tensor is read.
+class TensorMeta:
+    """What a method knows of one output tensor before any data: the tensor, the number of models and the
+    parameters. The plan checks parameters on it (:attr:`MergeMethod.check_params`) before the first read;
+    blocked methods (:mod:`.blocked`) plan their passes from it.
 
-    Attributes:
-        name: the tensor's name.
-        k: how many models are merged (the base not counted unless the method merges it as an input).
-        has_base: whether the tensor has a base-model input.
-        model_params / params / base_params: as in :class:`MethodInputs`.
-        statistics: the kinds of statistics this tensor has (data-aware methods).
+    ``k`` does not count the base unless the method merges it as an input; ``statistics`` are the kinds of
+    statistics the tensor has (data-aware methods).
     """
 
     name: str
+    shape: tuple[int, ...]
     k: int
     has_base: bool
     model_params: Sequence[dict[str, ParamValue]]
     params: dict[str, ParamValue]
     base_params: dict[str, ParamValue] | None = None
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     statistics: frozenset[str] = frozenset()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Rows of dim 0 (a 0-dim tensor is one row)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """The CPU generator :meth:`MethodInputs.generator` gives (seeded from seed, name and model only)."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(tensor_seed(self.seed, self.name, model_index))
+        return g
+
+    @classmethod
+    def of(cls, inputs: MethodInputs) -> TensorMeta:
+        shape = tuple(inputs.base.shape) if inputs.base is not None else tuple(inputs.tensors.shape[1:])
+        return cls(inputs.name, shape, inputs.k, inputs.base is not None, inputs.model_params, inputs.params,
+                   inputs.base_params, inputs.seed, inputs.device, frozenset(inputs.statistics))  # fmt: skip
 
 
 MethodFn = Callable[[MethodInputs], torch.Tensor]
-ParamsCheckFn = Callable[[TensorParams], None]
+ParamsCheckFn = Callable[[TensorMeta], None]
 """Raises :class:`~mergescale.errors.ConfigError` (naming the method and tensor) for parameters the method
 cannot use on this tensor; returns None otherwise."""
 LinearCoefficientsFn = Callable[..., tuple[list[float], float]]
@@ -169,6 +195,10 @@ class MergeMethod:
             cannot express (DELLA's density ± epsilon, a weight sum to divide by); the plan runs it on every
             tensor before the first read, so a bad combination never fails halfway through a merge. Methods
             with ``linear_coefficients`` are checked by computing them.
+        blocked: for methods that can run over row blocks of a tensor (:mod:`mergescale.methods.blocked`),
+            ``blocked(meta)`` gives the tensor's blocked merge, or None where this configuration cannot block;
+            the engine then merges large tensors within a memory budget instead of stacking every input. Must
+            give ``fn``'s result bit for bit, whatever the blocks.
     """
 
     name: str
@@ -184,6 +214,7 @@ class MergeMethod:
     merges_base: bool = False
     statistics: tuple[str, ...] = ()
     check_params: ParamsCheckFn | None = None
+    blocked: Callable[..., Any] | None = field(default=None, compare=False)
     doc: str = field(default="", compare=False)
 
     def __call__(self, inputs: MethodInputs) -> torch.Tensor:

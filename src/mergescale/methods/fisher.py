@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, TensorParams
+from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, TensorMeta
 
 
 def fisher_merge(inputs: MethodInputs) -> torch.Tensor:
@@ -42,7 +42,7 @@ def fisher_merge(inputs: MethodInputs) -> torch.Tensor:
     return thetas.mul_(scores).sum(dim=0).div_(scores.sum(dim=0))
 
 
-def check_params(tp: TensorParams) -> None:
+def check_params(tp: TensorMeta) -> None:
     """Without Fisher statistics (a tensor calibration did not cover) the merge is Σ wᵢθᵢ / Σ wᵢ: the weights
     must not sum to zero."""
     if "fisher" not in tp.statistics and sum(float(p.get("weight", 1.0)) for p in tp.model_params) == 0:

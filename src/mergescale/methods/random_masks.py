@@ -27,6 +27,28 @@ def random_bytes(n: int, generator: torch.Generator) -> torch.Tensor:
     return words.view(torch.uint8)[:n]
 
 
+class ByteStream:
+    """The bytes :func:`random_bytes` gives, taken in pieces: ``take(a)`` then ``take(b)`` are the first a + b
+    bytes of ``random_bytes(a + b)`` (a CPU generator's draws do not depend on how they are split), and after
+    the last piece of n bytes the generator has advanced exactly as by ``random_bytes(n)``."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._left = torch.empty(0, dtype=torch.uint8)  # bytes of the last word drawn, not yet taken
+
+    def take(self, n: int) -> torch.Tensor:
+        """(n,) uint8, the stream's next n bytes."""
+        if n <= self._left.numel():
+            out, self._left = self._left[:n], self._left[n:]
+            return out
+        need = n - self._left.numel()
+        words = torch.empty((need + 7) // 8, dtype=torch.int64).random_(-(1 << 63), None, generator=self.generator)
+        fresh = words.view(torch.uint8)
+        out = torch.cat([self._left, fresh[:need]]) if self._left.numel() else fresh[:need]
+        self._left = fresh[need:]
+        return out
+
+
 class LazyBernoulli:
     """Keep/drop decisions for n entries with keep probability p, decided byte by byte.
 
@@ -35,13 +57,15 @@ class LazyBernoulli:
     index order) from the generator.
     """
 
-    def __init__(self, n: int, p: float, generator: torch.Generator) -> None:
+    def __init__(self, n: int, p: float, generator: torch.Generator, *, draw: bool = True) -> None:
         threshold = min(max(round(p * (1 << _BITS)), 0), 1 << _BITS)  # keep iff U < threshold, U ~ [0, 2³²)
         self.constant: bool | None = None if 0 < threshold < 1 << _BITS else threshold > 0
         self.digits = (threshold % (1 << _BITS)).to_bytes(_BITS // 8, "big")
         self.digit = self.digits[0]
         self.generator = generator
-        self.first = random_bytes(n, generator) if self.constant is None else torch.empty(0, dtype=torch.uint8)
+        # draw=False: the caller takes the n first bytes itself, in pieces (ByteStream), before resolve()
+        drawn = draw and self.constant is None
+        self.first = random_bytes(n, generator) if drawn else torch.empty(0, dtype=torch.uint8)
 
     def resolve(self, undecided: torch.Tensor) -> torch.Tensor:
         """Bool (u,): which of the undecided entries (ascending flat positions, CPU) are kept."""
@@ -86,3 +110,24 @@ def bernoulli_mask(
 def uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generator, *, device: torch.device | str = "cpu") -> torch.Tensor:
     """Float32 uniforms on [0, 1) of ``shape`` from ``generator`` (for masks with per-entry probabilities)."""
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+_PACK = 0x0102040810204080  # w·_PACK puts byte j's low bit of the int64 word w at bit 56 + j
+_SPREAD = 0x0101010101010101  # p·_SPREAD copies a byte p into all 8 bytes of a word
+_PICK = -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as int64: byte j keeps bit j
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """(c,) uint8 0/1 flags -> (⌈c/8⌉,) uint8, flag j of each group of 8 at bit j (one multiply per 8 flags)."""
+    c = flags.numel()
+    if c % 8:
+        flags = torch.cat([flags, flags.new_zeros(8 - c % 8)])
+    words = flags.view(torch.int64)  # (c/8,) little endian: flag j in byte j
+    return words.mul(_PACK).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, c: int) -> torch.Tensor:
+    """The first ``c`` flags of :func:`pack_bits`'s output, as uint8 0/1 (c,) (multiplying by uint8 flags is
+    several times faster than by a bool mask here)."""
+    words = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_PICK)  # (c/8,) byte j: flag j at bit j
+    return words.view(torch.uint8)[:c].clamp_(max=1)

@@ -20,28 +20,33 @@ Rescaling (``rescale``): mergekit rescales the kept entries so the L1 norm of τ
 τ' ← τ'·‖τ‖₁/‖τ'‖₁ (skipped when either norm is below 1e-7). The DARE paper instead divides by the keep
 probability, τ' ← τ'/density; ``rescale_by_density`` selects that (our extension, random methods only).
 
-Work is split in two so the caller can stream: :func:`prepare_` turns the model's row θ into τ in place and
-decides what survives (sweeping memory once); the returned :class:`KeepRule` then zeroes the dropped entries
-of any chunk of τ while the caller combines the models chunk by chunk, and carries the rescale factor for the
-caller to fold into the model's weight.
+Work is split so the caller can stream, over row blocks of the tensor (:mod:`mergescale.methods.blocked`) or
+the whole tensor as one block: :func:`sparsifier` gives a model's :class:`Sparsifier`, whose statistics pass
+turns θ into τ in place and gathers what the decision needs (exact thresholds by :class:`TopKSearch`, the
+random mask's first bytes in flat order, L1 sums over the fixed grid), whose ``prepare`` makes a block's τ', and
+whose ``apply_`` zeroes the dropped entries of each chunk while the caller combines the models chunk by chunk;
+its ``scale`` is the rescale factor the caller folds into the model's weight. The result does not depend on the
+blocks: thresholds and masks are exact functions of the whole tensor and its seed, sums are taken over the grid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.random_masks import LazyBernoulli, uniform
+from mergescale.methods.blocked import Block, GridSum, abs_sum
+from mergescale.methods.random_masks import ByteStream, LazyBernoulli, pack_bits, uniform, unpack_bits
 from mergescale.methods.selection import (
     SWEEP_CHUNK,
-    Threshold,
+    BlockThreshold,
+    TopKApply,
+    TopKSearch,
     nonzero_bytes,
     round8,
-    top_k_thresholds_,
-    zero_positions_,
 )
 
 Sparsification = Literal["magnitude", "magnitude_outliers", "random", "della_magprune"]
@@ -50,151 +55,11 @@ RANDOM: tuple[Sparsification, ...] = ("random", "della_magprune")
 _RESCALE_EPS = 1e-7  # mergekit's threshold below which a norm is treated as zero and no rescale happens
 
 
-@dataclass(frozen=True)
-class KeepRule:
-    """What survives of one model's τ, applied chunk by chunk, and its rescale factor.
-
-    ``keep``: keep the top ``keep.k`` magnitudes (others zeroed); ``drop``: then zero the top ``drop.k``.
-    Neither (the identity, or a random mask already applied by :func:`prepare_`) leaves chunks unchanged.
-    """
-
-    scale: float = 1.0
-    keep: Threshold | None = None
-    drop: Threshold | None = None
-
-    def apply_(self, xc: torch.Tensor, start: int) -> None:
-        """Zero, in place, the dropped entries of the chunk ``xc`` = τ[start : start + len] (flat)."""
-        if self.keep is not None:
-            torch.hardshrink(xc, self.keep.below, out=xc)  # keeps |x| >= value
-            zero_positions_(xc, start, self.keep.surplus_equal)
-        if self.drop is not None:
-            big = torch.hardshrink(xc, self.drop.value)  # (c,) the entries with |x| > value, 0 elsewhere
-            xc.sub_(big)
-            zero_positions_(xc, start, self.drop.kept_equal)
-
-
 def _l1_factor(before: float, after: float) -> float:
     """‖τ‖₁ / ‖τ'‖₁ as mergekit computes it, 1 when either is (near) zero."""
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return 1.0
     return before / after
-
-
-def prepare_(
-    theta: torch.Tensor,
-    base: torch.Tensor,
-    shape: torch.Size,
-    method: Sparsification | None,
-    density: float,
-    *,
-    rescale: bool = False,
-    rescale_by_density: bool = False,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-    generator: torch.Generator | None = None,
-    where: str = "",
-) -> KeepRule:
-    """Turn the flat float32 row ``theta`` into τ = θ − θ_base in place and decide what of it survives.
-
-    Random methods apply their mask here (τ is final afterwards); magnitude methods only find their
-    thresholds, applied later by :meth:`KeepRule.apply_`.
-
-    Args:
-        theta: one model's tensor, flattened (n,); becomes τ (masked, for random methods).
-        base: the base model's tensor, flattened (n,).
-        shape: the tensor's shape (DELLA ranks within rows).
-        method: the sparsification, or None for none.
-        density: fraction of entries kept (expected fraction for the random methods), in (0, 1].
-        rescale: rescale the kept entries (mergekit: to the L1 norm of τ).
-        rescale_by_density: with ``rescale``, divide by ``density`` instead (the DARE paper's rule).
-        gamma: breadcrumbs' fraction of largest entries dropped.
-        epsilon: DELLA's half-width of the keep-probability range.
-        generator: the model's seeded CPU generator (random methods).
-        where: "method: tensor ..., model ..." for error messages.
-    """
-    n = theta.numel()
-    if method is None or density >= 1.0 or n == 0:
-        theta.sub_(base)
-        return KeepRule()
-    if method == "magnitude":
-        k = max(1, int(density * n))
-        if k >= n:
-            theta.sub_(base)
-            return KeepRule()
-        (keep,), before = top_k_thresholds_(theta, [k], subtract=base, with_sums=rescale)
-        return KeepRule(_l1_factor(before, keep.top_sum) if rescale else 1.0, keep=keep)
-    if method == "magnitude_outliers":
-        target = int(density * n)
-        if target == 0:
-            theta.zero_()  # nothing kept (mergekit keeps ⌊density·n⌋ = 0 entries)
-            return KeepRule()
-        n_top = int(gamma * n)
-        first = n - max(0, n - target - n_top) - target  # descending rank of the first kept entry
-        ks = [k for k in (first + target, first) if 0 < k < n]
-        if not ks:
-            theta.sub_(base)
-            return KeepRule()
-        thresholds, before = top_k_thresholds_(theta, ks, subtract=base, with_sums=rescale)
-        by_k = dict(zip(ks, thresholds, strict=True))
-        keep, drop = by_k.get(first + target), by_k.get(first)
-        if not rescale:
-            return KeepRule(keep=keep, drop=drop)
-        kept_sum = (keep.top_sum if keep else before) - (drop.top_sum if drop else 0.0)
-        return KeepRule(_l1_factor(before, kept_sum), keep=keep, drop=drop)
-    if method in RANDOM:
-        if generator is None:
-            raise ValueError(f"{where}: random sparsification needs a generator")
-        if method == "random":
-            return KeepRule(_dare_(theta, base, density, generator, rescale, rescale_by_density))
-        theta.sub_(base)
-        keep_mask = _della_keep_mask(theta.view(shape), density, epsilon, generator, where)
-        before = float(theta.abs().sum()) if rescale else 0.0
-        theta.mul_(keep_mask.view(-1))
-        return KeepRule(_l1_factor(before, float(theta.abs().sum())) if rescale else 1.0)
-    raise ValueError(f"unknown sparsification {method!r}")
-
-
-def _dare_(
-    tau: torch.Tensor, base: torch.Tensor, density: float, generator: torch.Generator, rescale: bool, by_density: bool
-) -> float:
-    """τ ← (θ − θ_base)·keep with keep ~ Bernoulli(density), in cache-sized chunks; returns the rescale factor.
-
-    The mask is the draw of :func:`~mergescale.methods.random_masks.bernoulli_mask`: first bytes decide in
-    the sweep (undecided entries are zeroed but remembered), the few undecided ones are resolved afterwards
-    and restored when kept.
-    """
-    n = tau.numel()
-    draw = LazyBernoulli(n, density, generator)
-    first = draw.first.to(tau.device)  # (n,) uint8
-    step = min(SWEEP_CHUNK, n) if tau.device.type == "cpu" else n
-    keep = torch.empty(step, dtype=torch.float32, device=tau.device)  # (step,) 1.0 keep / 0.0 drop
-    flags = torch.empty(round8(step), dtype=torch.uint8, device=tau.device)  # (step,) 1 where undecided
-    l1 = rescale and not by_density
-    before = after = 0.0
-    tied_pos, tied_val = [], []
-    for s in range(0, n, step):
-        xc = tau[s : s + step]  # (c,) view
-        xc.sub_(base[s : s + step])  # τ
-        if l1:
-            before += float(xc.abs().sum())  # torch.sum's cascade summation, as accurate as mergekit's
-        bc = first[s : s + step]
-        torch.eq(bc, draw.digit, out=flags[: xc.numel()])
-        tied = nonzero_bytes(flags, xc.numel())  # (u,) undecided after the first byte
-        if tied.numel():
-            tied_val.append(xc[tied])
-            tied_pos.append(tied.add_(s))
-        xc.mul_(torch.lt(bc, draw.digit, out=keep[: xc.numel()]))
-        if l1:
-            after += float(xc.abs().sum())
-    if tied_pos:
-        pos, val = torch.cat(tied_pos), torch.cat(tied_val)  # (u,) ascending positions
-        kept = draw.resolve(pos.cpu()).to(tau.device)
-        tau[pos[kept]] = val[kept]
-        if l1:
-            after += float(val[kept].abs().sum())
-    if not rescale:
-        return 1.0
-    return 1.0 / density if by_density else _l1_factor(before, after)
 
 
 def check_della_range(density: float, epsilon: float, where: str) -> None:
@@ -221,3 +86,317 @@ def _della_keep_mask(
     probs = rank.to(torch.float32).div_(max(cols - 1, 1)).mul_(2.0 * epsilon).add_(density - epsilon)
     u = uniform(rows.shape, generator, device=tau.device)  # (R, C, ...)
     return (u < probs).view(tau.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same sparsifications over blocks (blocked merging: :mod:`mergescale.methods.blocked`)
+# ---------------------------------------------------------------------------------------------------------------
+def grid_pieces(block: Block) -> Iterator[tuple[int, int]]:
+    """The block's local ``[lo, hi)`` pieces of at most :data:`SWEEP_CHUNK` entries, cut where the whole
+    tensor's chunks of that size end, so per-piece work is the same for any blocks (float sums are taken over
+    the fixed grid whatever the pieces, :class:`GridSum`)."""
+    n, offset, size = block.numel, block.offset, SWEEP_CHUNK
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + size - (offset + lo) % size)
+        yield lo, hi
+        lo = hi
+
+
+class Sparsifier:
+    """What survives of one model's τ = θ − θ_base, decided over blocks that come in flat order.
+
+    ``statistics(block, i)`` gathers what the decision needs from model ``i``'s rows (on a materialized
+    block also leaving τ there in place); ``end_pass()`` decides (True: another pass). For combining,
+    ``prepare(block, i)`` is called once per block, then ``apply_(xc, bc, start)`` on each chunk of the block in
+    flat order (``xc`` the model's chunk as in the block, ``bc`` the base's): the chunk becomes τ' (τ computed
+    there when the block is fresh, so the block is swept once), its dropped entries zeroed. ``scale`` is the
+    rescale factor. The identity (density 1) only computes τ.
+    """
+
+    scale: float = 1.0
+    has_statistics = False
+    fresh = True  # the block being combined holds θ (τ is computed chunk by chunk)
+
+    def sample_positions(self) -> torch.Tensor | None:
+        return None
+
+    def take_sample(self, tau: torch.Tensor) -> None:
+        pass
+
+    def statistics(self, block: Block, i: int) -> None:
+        if block.materialized and block.fresh:  # τ in place, for the apply pass of this same block
+            block.model(i).sub_(block.flat_base())
+
+    def end_pass(self) -> bool:
+        return False
+
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = block.fresh
+
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            xc.sub_(bc)
+
+    def cuts(self) -> list[tuple[int, int]]:
+        """Flat ranges ``apply_`` must walk in order in one thread (see :class:`TopKApply`)."""
+        return []
+
+
+class _Nothing(Sparsifier):
+    """``magnitude_outliers`` keeping ⌊density·n⌋ = 0 entries: τ' = 0."""
+
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        xc.zero_()
+
+
+class _Magnitude(Sparsifier):
+    """``magnitude`` and ``magnitude_outliers``: exact top-k thresholds by :class:`TopKSearch`, applied chunk by
+    chunk (keep the top ``keep``, then drop the top ``drop``)."""
+
+    has_statistics = True
+
+    def __init__(self, n: int, keep_k: int | None, drop_k: int | None, rescale: bool, outliers: bool) -> None:
+        self.keep_k, self.drop_k, self.rescale, self.outliers = keep_k, drop_k, rescale, outliers
+        self.search = TopKSearch(n, [k for k in (keep_k, drop_k) if k is not None], with_sums=rescale)
+        self.keep: TopKApply | None = None
+        self.drop: TopKApply | None = None
+        self._keep_t: BlockThreshold | None = None
+        self._drop_t: BlockThreshold | None = None
+
+    def sample_positions(self) -> torch.Tensor | None:
+        return self.search.sample_positions()
+
+    def take_sample(self, tau: torch.Tensor) -> None:
+        self.search.take_sample(tau)
+
+    def statistics(self, block: Block, i: int) -> None:
+        if self.search.finished:  # another model asked for one more pass
+            return super().statistics(block, i)
+        base = block.flat_base()
+        scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
+        for lo, hi in grid_pieces(block):
+            x = block.piece(i, lo, hi, scratch)
+            self.search.feed(x, block.offset + lo, subtract=base[lo:hi] if block.fresh else None)
+
+    def end_pass(self) -> bool:
+        if self.search.finished:
+            return False
+        if not self.search.resolve():
+            return True
+        found = dict(zip([k for k in (self.keep_k, self.drop_k) if k is not None], self.search.thresholds,
+                         strict=True))  # fmt: skip
+        self._keep_t = found.get(self.keep_k) if self.keep_k is not None else None
+        self._drop_t = found.get(self.drop_k) if self.drop_k is not None else None
+        if self.rescale:
+            before = self.search.total
+            if self.outliers:
+                kept = (self._keep_t.top_sum if self._keep_t else before) - (self._drop_t.top_sum if self._drop_t else 0.0)
+            else:
+                assert self._keep_t is not None
+                kept = self._keep_t.top_sum
+            self.scale = _l1_factor(before, kept)
+        return False
+
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = block.fresh
+        if block.offset == 0:  # the apply pass starts: walk the equal entries from the beginning
+            self.keep = TopKApply(self._keep_t) if self._keep_t is not None else None
+            self.drop = TopKApply(self._drop_t) if self._drop_t is not None else None
+
+    def cuts(self) -> list[tuple[int, int]]:
+        return [t.cut[:2] for t in (self._keep_t, self._drop_t) if t is not None and t.cut is not None]
+
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            xc.sub_(bc)
+        if self.keep is not None:
+            self.keep.keep_(xc, start)
+        if self.drop is not None:
+            self.drop.drop_(xc, start)
+
+
+class _Dare(Sparsifier):
+    """``random``: keep ~ Bernoulli(density), the draw of :func:`~.random_masks.bernoulli_mask` taken block
+    by block.
+
+    The statistics pass takes the first bytes in flat order (:class:`ByteStream`), gathers the L1 sums over the
+    grid (τ before and after the first byte's test) and the undecided entries, and keeps the first byte's
+    verdicts packed 8 to a byte (n/8 bytes: a 32nd of the model's float32 tensor; not for a tensor that is one
+    materialized block, whose τ' stays in place); then the undecided ones are resolved from the generator, as
+    the whole-tensor draw does. The apply pass of a fresh block unpacks the verdicts, and the kept undecided
+    entries get their τ back. Blocks start at multiples of 8 entries (``row_multiple``), so each is packed alone.
+    """
+
+    has_statistics = True
+
+    def __init__(self, n: int, density: float, generator: torch.Generator, rescale: bool, by_density: bool) -> None:
+        self.n, self.density, self.rescale, self.by_density = n, density, rescale, by_density
+        self.l1 = rescale and not by_density
+        self.draw = LazyBernoulli(n, density, generator, draw=False)
+        self.stream = ByteStream(generator)
+        self.bits: torch.Tensor | None = None  # (⌈n/8⌉,) uint8: the first byte's keep verdicts, packed
+        self.before = GridSum(n, abs_sum)
+        self.after = GridSum(n, abs_sum)
+        self.tied_pos: list[torch.Tensor] = []
+        self.tied_val: list[torch.Tensor] = []
+        self.kept_pos = torch.empty(0, dtype=torch.int64)
+        self.kept_val = torch.empty(0)
+        self.done = False
+
+    def statistics(self, block: Block, i: int) -> None:
+        if self.done:
+            return super().statistics(block, i)
+        n = block.numel
+        base = block.flat_base()
+        first = self.stream.take(n).to(block.device)  # (n,) uint8, this block's first bytes
+        digit = self.draw.digit
+        step = min(SWEEP_CHUNK, n)
+        scratch = None if block.materialized else torch.empty(step, device=block.device)
+        keep = torch.empty(step, dtype=torch.uint8, device=block.device)  # (step,) 1 keep / 0 drop
+        flags = torch.empty(round8(step), dtype=torch.uint8, device=block.device)  # (step,) 1 where undecided
+        whole = block.materialized and block.offset == 0 and n == self.n  # τ' stays in place for the apply
+        if self.bits is None and not whole:
+            self.bits = torch.empty((self.n + 7) // 8, dtype=torch.uint8, device=block.device)
+        for lo, hi in grid_pieces(block):
+            g = block.offset + lo
+            xc = block.piece(i, lo, hi, scratch)  # (c,)
+            c = hi - lo
+            xc.sub_(base[lo:hi])  # τ
+            if self.l1:
+                self.before.feed(xc, g)
+            bc = first[lo:hi]
+            torch.eq(bc, digit, out=flags[:c])
+            tied = nonzero_bytes(flags, c)  # (u,) undecided after the first byte
+            if tied.numel():
+                self.tied_val.append(xc[tied])
+                self.tied_pos.append(tied.add_(g))
+            torch.lt(bc, digit, out=keep[:c])
+            xc.mul_(keep[:c])
+            if self.bits is not None:
+                self.bits[g // 8 : (g + c + 7) // 8] = pack_bits(keep[:c])
+            if self.l1:
+                self.after.feed(xc, g)
+
+    def end_pass(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        after = self.after.value
+        if self.tied_pos:
+            pos, val = torch.cat(self.tied_pos), torch.cat(self.tied_val)  # (u,) ascending positions
+            kept = self.draw.resolve(pos.cpu()).to(pos.device)
+            self.kept_pos, self.kept_val = pos[kept], val[kept]
+            if self.l1:
+                after += float(self.kept_val.abs().sum())
+        self.tied_pos, self.tied_val = [], []
+        if self.rescale:
+            self.scale = 1.0 / self.density if self.by_density else _l1_factor(self.before.value, after)
+        return False
+
+    def apply_(self, xc: torch.Tensor, bc: torch.Tensor, start: int) -> None:
+        if self.fresh:
+            assert self.bits is not None
+            c, skip = xc.numel(), start % 8
+            keep = unpack_bits(self.bits[start // 8 : (start + c + 7) // 8], skip + c)[skip:]  # (c,) 0/1
+            xc.sub_(bc).mul_(keep)
+        # the kept undecided entries (zeroed by the first byte's test) get their τ back
+        bounds = torch.tensor([start, start + xc.numel()], device=self.kept_pos.device)
+        lo, hi = torch.searchsorted(self.kept_pos, bounds).tolist()
+        if hi > lo:
+            xc[self.kept_pos[lo:hi] - start] = self.kept_val[lo:hi].to(xc.device)
+
+
+class _Della(Sparsifier):
+    """``della_magprune``: keep probabilities from magnitude ranks within rows (dim 1), so a block of whole
+    rows decides alone; the uniforms come from the model's generator in flat order (replayed from its saved
+    state in the apply pass of a fresh block). Needs materialized blocks (whole rows, and τ' made once per
+    block). The L1 sums are taken over the grid."""
+
+    has_statistics = True
+
+    def __init__(self, shape: tuple[int, ...], density: float, epsilon: float, generator: torch.Generator,
+                 rescale: bool, where: str) -> None:  # fmt: skip
+        check_della_range(density, epsilon, where)
+        self.shape, self.density, self.epsilon, self.rescale = shape, density, epsilon, rescale
+        self.generator = generator
+        self.state = generator.get_state()
+        self.replay: torch.Generator | None = None
+        n = math.prod(shape)
+        self.before = GridSum(n, abs_sum)
+        self.after = GridSum(n, abs_sum)
+        self.done = False
+
+    def _mask_(self, tau: torch.Tensor, generator: torch.Generator) -> None:
+        """τ ← τ·keep for the block's flat τ, della's rows (r, C, ...); a 1-D tensor (one block) is one row."""
+        rows = tau.view(-1, *self.shape[1:]) if len(self.shape) >= 2 else tau.view(1, -1)
+        tau.mul_(_della_keep_mask(rows, self.density, self.epsilon, generator, "").view(-1))
+
+    def statistics(self, block: Block, i: int) -> None:
+        if self.done:
+            return super().statistics(block, i)
+        assert block.materialized, "della needs materialized blocks"
+        x = block.model(i)
+        x.sub_(block.flat_base())
+        if self.rescale:
+            self.before.feed(x, block.offset)
+        self._mask_(x, self.generator)
+        if self.rescale:
+            self.after.feed(x, block.offset)
+
+    def end_pass(self) -> bool:
+        if not self.done:
+            self.done = True
+            if self.rescale:
+                self.scale = _l1_factor(self.before.value, self.after.value)
+        return False
+
+    def prepare(self, block: Block, i: int) -> None:
+        self.fresh = False  # τ' made here, for the whole block: ranks need whole rows
+        if not block.fresh:
+            return
+        if self.replay is None or block.offset == 0:
+            self.replay = torch.Generator(device="cpu")
+            self.replay.set_state(self.state)
+        x = block.model(i)
+        x.sub_(block.flat_base())
+        self._mask_(x, self.replay)
+
+
+def sparsifier(
+    n: int,
+    shape: tuple[int, ...],
+    method: Sparsification | None,
+    density: float,
+    *,
+    rescale: bool = False,
+    rescale_by_density: bool = False,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
+    generator: torch.Generator | None = None,
+    where: str = "",
+) -> Sparsifier:
+    """The blocked form of :func:`prepare_` (same arguments, same result), for one model's τ of ``n`` entries."""
+    if method is None or density >= 1.0 or n == 0:
+        return Sparsifier()
+    if method == "magnitude":
+        k = max(1, int(density * n))
+        return Sparsifier() if k >= n else _Magnitude(n, k, None, rescale, outliers=False)
+    if method == "magnitude_outliers":
+        target = int(density * n)
+        if target == 0:
+            return _Nothing()
+        n_top = int(gamma * n)
+        first = n - max(0, n - target - n_top) - target  # descending rank of the first kept entry
+        keep_k = first + target if 0 < first + target < n else None
+        drop_k = first if 0 < first < n else None
+        if keep_k is None and drop_k is None:
+            return Sparsifier()
+        return _Magnitude(n, keep_k, drop_k, rescale, outliers=True)
+    if method in RANDOM:
+        if generator is None:
+            raise ValueError(f"{where}: random sparsification needs a generator")
+        if method == "random":
+            return _Dare(n, density, generator, rescale, rescale_by_density)
+        return _Della(shape, density, epsilon, generator, rescale, where)
+    raise ValueError(f"unknown sparsification {method!r}")

@@ -45,6 +45,7 @@ broken by index (mergekit: unstable sort order).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -52,9 +53,10 @@ from functools import partial
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue, TensorParams
+from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue, TensorMeta
+from mergescale.methods.blocked import Block, BlockedMerge, run_in_memory
 from mergescale.methods.linear import ZERO_SUM
-from mergescale.methods.sparsify import RANDOM, KeepRule, Sparsification, check_della_range, prepare_
+from mergescale.methods.sparsify import RANDOM, Sparsification, Sparsifier, check_della_range, sparsifier
 
 
 @dataclass(frozen=True)
@@ -115,78 +117,162 @@ def coefficients(
 def merge_task_vectors(inputs: MethodInputs, preset: Preset) -> torch.Tensor:
     """The general algorithm (module docstring) for one tensor; float32 of the input shape.
 
-    Order of work, so memory is swept as few times as possible: (1) per model, τᵢ = θᵢ − θ_base in place in the
-    engine-owned stack, fused with finding what survives (thresholds, or the random mask applied);
-    (2) per cache-sized chunk of columns, zero the dropped entries of every τᵢ and combine them into the output,
-    written over the engine-owned base chunk by chunk (each base chunk is last read just before), so no
-    tensor-sized output buffer is allocated.
+    The whole tensor as one block of :class:`TaskVectorMerge` (the engine may run it over smaller blocks, with
+    the same result). Order of work, so memory is swept as few times as possible: (1) per model, τᵢ = θᵢ −
+    θ_base in place in the engine-owned stack, fused with finding what survives (thresholds, or the random mask
+    applied); (2) per cache-sized chunk of columns, zero the dropped entries of every τᵢ and combine them into
+    the output, written over the engine-owned base chunk by chunk (each base chunk is last read just before), so
+    no tensor-sized output buffer is allocated.
     """
     where = f"{preset.name}: tensor {inputs.name!r}"
     if inputs.base is None:
         raise ConfigError(f"{where}: needs base_model")
-    shape = inputs.base.shape
-    base = inputs.base.to(torch.float32).reshape(-1)  # (n,)
-    k = inputs.k
-    if k == 0:
-        return base.clone().view(shape)
-    params = inputs.params
-    mp = inputs.model_params
-    weights = [float(p["weight"]) for p in mp]
-    densities = [float(p.get("density", 1.0)) for p in mp]
-    lam = float(params.get("lambda", 1.0))
-    normalize = bool(params.get("normalize", preset.default_normalize))
-    rescale = bool(params.get("rescale", preset.default_rescale))
-    sparse = preset.sparsification is not None and any(d < 1.0 for d in densities)
+    if inputs.k == 0:
+        return inputs.base.to(torch.float32).clone()
+    return run_in_memory(TaskVectorMerge(TensorMeta.of(inputs), preset), inputs)
 
-    stack = inputs.tensors.to(torch.float32).reshape(k, -1)  # (k, n) θᵢ; engine-owned, modified in place
-    if not sparse and not preset.consensus:
-        # A fixed linear combination: Σ cᵢθᵢ + c_base·θ_base, no task vectors needed.
-        coefs, c_base = coefficients(
-            mp, params, name=inputs.name, default_normalize=preset.default_normalize, method=preset.name
-        )
-        c = torch.tensor(coefs, dtype=torch.float32, device=stack.device)  # (k,)
-        return base.addmv_(stack.T, c, beta=c_base).view(shape)  # (n,) c_base·θ_base + Σ cᵢθᵢ, in place
 
-    # (1) task vectors and what survives of them
-    rules = [KeepRule()] * k
-    if sparse:
-        for i in range(k):
-            rules[i] = prepare_(
-                stack[i],
-                base,
-                shape,
-                preset.sparsification,
-                densities[i],
-                rescale=rescale,
-                rescale_by_density=bool(params.get("rescale_by_density", False)),
-                gamma=float(mp[i].get("gamma", 0.01)),
-                epsilon=float(mp[i].get("epsilon", 0.15)),
-                generator=inputs.generator(i) if preset.sparsification in RANDOM else None,
-                where=f"{where}, model {i}",
+def blocked_task_vectors(meta: TensorMeta, preset: Preset) -> TaskVectorMerge | None:
+    """The blocked form (None without a base or models: the whole-tensor path handles, or refuses, those)."""
+    if not meta.has_base or meta.k == 0:
+        return None
+    return TaskVectorMerge(meta, preset)
+
+
+class TaskVectorMerge(BlockedMerge):
+    """The task-arithmetic family over row blocks: each model's :class:`~.sparsify.Sparsifier` decides over a
+    statistics pass (exact thresholds, random masks, L1 sums), then the apply pass combines block by block."""
+
+    def __init__(self, meta: TensorMeta, preset: Preset) -> None:
+        self.preset = preset
+        self.where = where = f"{preset.name}: tensor {meta.name!r}"
+        params, mp = meta.params, meta.model_params
+        self.k = k = meta.k
+        self.weights = [float(p["weight"]) for p in mp]
+        densities = [float(p.get("density", 1.0)) for p in mp]
+        self.lam = float(params.get("lambda", 1.0))
+        self.normalize = bool(params.get("normalize", preset.default_normalize))
+        rescale = bool(params.get("rescale", preset.default_rescale))
+        self.sparse = preset.sparsification is not None and any(d < 1.0 for d in densities)
+        self.device = meta.device
+        self.linear: tuple[list[float], float] | None = None
+        if not self.sparse and not preset.consensus:
+            # A fixed linear combination: Σ cᵢθᵢ + c_base·θ_base, no task vectors needed.
+            self.linear = coefficients(
+                mp, params, name=meta.name, default_normalize=preset.default_normalize, method=preset.name
             )
-    coefs = [w * r.scale for w, r in zip(weights, rules, strict=True)]  # δᵢ = coefsᵢ·τ'ᵢ
+        n = meta.numel
+        self.rules: list[Sparsifier] = [Sparsifier() for _ in range(k)]
+        if self.sparse:
+            self.rules = [
+                sparsifier(
+                    n,
+                    meta.shape,
+                    preset.sparsification,
+                    densities[i],
+                    rescale=rescale,
+                    rescale_by_density=bool(params.get("rescale_by_density", False)),
+                    gamma=float(mp[i].get("gamma", 0.01)),
+                    epsilon=float(mp[i].get("epsilon", 0.15)),
+                    generator=meta.generator(i) if preset.sparsification in RANDOM else None,
+                    where=f"{where}, model {i}",
+                )
+                for i in range(k)
+            ]
+        self.has_statistics = any(r.has_statistics for r in self.rules)
+        if self.sparse and preset.sparsification == "della_magprune":
+            self.materialize = True  # ranks need whole rows
+            self.temporaries = 7.0  # per model in turn: argsort order and ranks (int64), probabilities, uniforms
+            if len(meta.shape) < 2:
+                self.row_multiple = max(1, meta.rows)  # della ranks a 1-D tensor as one row: one block
+        elif self.sparse and preset.sparsification == "random":
+            self.temporaries = 0.25  # one model's first random bytes
+            # the first byte's verdicts, packed, and the undecided entries (~1/256 of them: position and value)
+            self.state_bytes = k * (n // 8 + n * 12 // 256)
+            self.row_multiple = 8 // math.gcd(meta.row_numel, 8)  # packed verdicts: blocks start on bytes
+        if self.sparse and preset.sparsification in ("magnitude", "magnitude_outliers"):
+            self.state_bytes = int(k * n * 4 * 0.025)  # candidates around each threshold: ~2 % of the entries
+        self._lam_over = 0.0
+        if not preset.consensus and self.linear is None:
+            self._lam_over = self.lam / _normalize_divisor(self.weights, self.normalize, where)
 
-    # (2) combine, chunk by chunk
-    dev = stack.device
-    if preset.consensus:
-        merge = _DisjointMerge(coefs, weights, normalize, dev)
-    else:
-        scale = lam / _normalize_divisor(weights, normalize, where)
-        c = torch.tensor([scale * x for x in coefs], dtype=torch.float32, device=dev)  # (k,)
-    n = base.numel()
-    step = _chunk_columns(n, k, dev)
-    for s in range(0, n, step):
-        cols = stack[:, s : s + step]  # (k, c) view
-        chunk = base[s : s + step]  # (c,) θ_base, overwritten by the result
-        if not sparse:
-            cols.sub_(chunk)  # τᵢ (dense TIES: consensus without trimming)
-        for i, rule in enumerate(rules):
-            rule.apply_(cols[i], s)
-        if preset.consensus:
-            chunk.add_(merge(cols), alpha=lam)
+    # -- statistics ----------------------------------------------------------------------------------------------
+    def sample_positions(self) -> torch.Tensor | None:
+        for rule in self.rules:
+            positions = rule.sample_positions()
+            if positions is not None:
+                return positions  # the same fixed sample for every model (it depends on n only)
+        return None
+
+    def take_sample(self, tensors: torch.Tensor, base: torch.Tensor | None) -> None:
+        assert base is not None
+        for i, rule in enumerate(self.rules):
+            if rule.sample_positions() is not None:
+                rule.take_sample(tensors[i] - base)
+
+    def statistics(self, block: Block) -> None:
+        block.run(lambda i: self.rules[i].statistics(block, i), self.k)
+
+    def end_pass(self) -> bool:
+        again = False
+        for rule in self.rules:
+            again |= rule.end_pass()
+        return again
+
+    # -- apply ---------------------------------------------------------------------------------------------------
+    def apply(self, block: Block) -> torch.Tensor:
+        k = self.k
+        base = block.flat_base()  # (n,) θ_base of the block, overwritten by the result
+        dev = block.device
+        if self.linear is not None:
+            coefs, c_base = self.linear
+            c = torch.tensor(coefs, dtype=torch.float32, device=dev)  # (k,)
+            stack = block.chunk(0, block.numel)  # (k, n) θᵢ
+            base.addmv_(stack.T, c, beta=c_base)  # (n,) c_base·θ_base + Σ cᵢθᵢ, in place
+            return block.base  # type: ignore[return-value]
+        block.run(lambda i: self.rules[i].prepare(block, i), k)
+        coefs = [w * r.scale for w, r in zip(self.weights, self.rules, strict=True)]  # δᵢ = coefsᵢ·τ'ᵢ
+        if self.preset.consensus:
+            merge = _DisjointMerge(coefs, self.weights, self.normalize, dev)
         else:
-            chunk.addmv_(cols.T, c)  # θ_base + Σ (λ/D)·δᵢ
-    return base.view(shape)
+            c = torch.tensor([self._lam_over * x for x in coefs], dtype=torch.float32, device=dev)  # (k,)
+        n = base.numel()
+        step = _chunk_columns(n, k, dev)
+
+        def combine(lo: int, hi: int) -> None:
+            scratch = None if block.materialized else torch.empty((k, min(step, hi - lo)), device=dev)
+            for s in range(lo, hi, step):
+                e = min(hi, s + step)
+                cols = block.chunk(s, e, scratch)  # (k, c) θᵢ, a view or converted
+                chunk = base[s:e]  # (c,) θ_base, overwritten by the result
+                for i, rule in enumerate(self.rules):
+                    rule.apply_(cols[i], chunk, block.offset + s)  # τ'ᵢ
+                if self.preset.consensus:
+                    chunk.add_(merge(cols), alpha=self.lam)
+                else:
+                    chunk.addmv_(cols.T, c)  # θ_base + Σ (λ/D)·δᵢ
+
+        ranges = _column_ranges(n, block.workers, block.offset, [c for r in self.rules for c in r.cuts()])
+        block.run(lambda j: combine(*ranges[j]), len(ranges))
+        return block.base  # type: ignore[return-value]
+
+
+def _column_ranges(n: int, workers: int, offset: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Split a block's n columns into up to ``workers`` ranges for concurrent combining. A split never falls
+    inside a threshold's cut chunk (global [start, end)), whose equal entries must be walked in order by one
+    thread."""
+    if workers <= 1 or n < 2 * (1 << 16):
+        return [(0, n)]
+    points = [0]
+    for j in range(1, workers):
+        p = n * j // workers
+        for start, end in sorted(cuts):
+            if start < offset + p < end:
+                p = end - offset
+        if points[-1] < p < n:
+            points.append(p)
+    points.append(n)
+    return list(zip(points[:-1], points[1:], strict=True))
 
 
 # Columns per chunk of step (2): k rows of float32 plus a few temporaries within ~8 MiB, i.e. in L2/L3 cache.
@@ -248,17 +334,17 @@ _GAMMA = ParamSpec("gamma", float, 0.01, low=0.0, high=1.0, doc="breadcrumbs: fr
 _EPSILON = ParamSpec("epsilon", float, 0.15, low=0.0, high=1.0, high_open=True, doc="della: keep-probability spread")
 
 
-def check_params(tp: TensorParams, *, preset: Preset) -> None:
+def check_params(meta: TensorMeta, *, preset: Preset) -> None:
     """The plan-time checks of :func:`merge_task_vectors`: a base, a weight sum to divide by (``normalize``
     without consensus), DELLA's density ± epsilon inside (0, 1) for every model it prunes."""
-    where = f"{preset.name}: tensor {tp.name!r}"
-    if not tp.has_base:
+    where = f"{preset.name}: tensor {meta.name!r}"
+    if not meta.has_base:
         raise ConfigError(f"{where}: needs base_model")
     if not preset.consensus:
-        weights = [float(p["weight"]) for p in tp.model_params]
-        _normalize_divisor(weights, bool(tp.params.get("normalize", preset.default_normalize)), where)
+        weights = [float(p["weight"]) for p in meta.model_params]
+        _normalize_divisor(weights, bool(meta.params.get("normalize", preset.default_normalize)), where)
     if preset.sparsification == "della_magprune":
-        for i, p in enumerate(tp.model_params):
+        for i, p in enumerate(meta.model_params):
             check_della_range(float(p.get("density", 1.0)), float(p.get("epsilon", 0.15)), f"{where}, model {i}")
 
 
@@ -291,6 +377,7 @@ def _method(preset: Preset) -> MergeMethod:
         reference=preset.reference,
         linear_coefficients=linear,
         check_params=partial(check_params, preset=preset),
+        blocked=partial(blocked_task_vectors, preset=preset),
         doc=__doc__ or "",
     )
 

@@ -299,10 +299,13 @@ def plan_chunks(
     """Split a draw's outputs into plans that fit the memory budget, and pick those to write to scratch.
 
     A merged output held in memory costs its bytes; every output costs its method's working memory on the
-    largest tensor (a ``(k, *shape)`` float32 stack for stacked methods, one float32 tensor for linear ones);
-    the evaluation model and the diagnostics' inputs are held throughout. A cell's candidates stay in one plan
-    when they fit, since selection evaluates them together.
+    largest tensor (the engine's plan for it: a ``(k, *shape)`` float32 stack, or one block and the method's
+    state for stacked methods that block large tensors, see :func:`~mergescale.engine.memory.stacked_working_bytes`;
+    one float32 tensor for linear ones); the evaluation model and the diagnostics' inputs are held throughout. A
+    cell's candidates stay in one plan when they fit, since selection evaluates them together.
     """
+    from mergescale.engine.memory import stacked_working_bytes
+
     sizes = _tensor_sizes(job.group.base.path)  # (bytes, entries) per tensor
     total = sum(nbytes for nbytes, _ in sizes)
     largest = max((numel for _, numel in sizes), default=0)
@@ -311,8 +314,10 @@ def plan_chunks(
     room = context.memory_budget - fixed
 
     def work(cfg: MergeConfig) -> int:
-        stacked = get_method(cfg.merge_method).linear_coefficients is None
-        return 4 * largest * ((k + 2) if stacked else 2)
+        method = get_method(cfg.merge_method)
+        if method.linear_coefficients is not None:
+            return 4 * largest * 2
+        return stacked_working_bytes(method.blocked is not None, k, largest)
 
     chunks: list[list[tuple[MergeCell, int, MergeConfig]]] = [[]]
     used = 0
