@@ -14,6 +14,7 @@ array" — no tensor (view, slice or reshape) can outlive its buffer's reuse, wh
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -78,3 +79,11 @@ def _unreferenced(buffers: list[np.ndarray], i: int) -> bool:
     # References to an idle buffer: the pool's list and getrefcount's own argument. A tensor made by
     # torch.from_numpy adds one through its storage, for as long as any view of it lives.
     return sys.getrefcount(buffers[i]) <= 2
+
+
+def empty_tensor(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, pool: BufferPool
+) -> torch.Tensor:
+    """An uninitialised tensor, on a pooled buffer when it is large and on the CPU."""
+    buf = pool.take(math.prod(shape) * dtype.itemsize) if device.type == "cpu" else None
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)

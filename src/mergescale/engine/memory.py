@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob
+from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, tensor_meta
 from mergescale.errors import ConfigError
-from mergescale.methods.blocked import BlockedMerge, TensorMeta, block_bounds
+from mergescale.methods.blocked import BlockedMerge, block_bounds
 
 WHOLE_BYTES = 1 << 30
 """Without a budget, a stacked product whose stack (and base) fit in this many bytes runs on the whole tensor."""
@@ -137,17 +137,7 @@ def blocked_merge(spec: OutputSpec, product: Product, device: torch.device) -> B
         or not product.dtype.is_floating_point
     ):
         return None
-    meta = TensorMeta(
-        name=product.name,
-        shape=tuple(product.shape),
-        k=len(product.models),
-        has_base=product.base is not None,
-        model_params=product.model_params,
-        params=product.params,
-        base_params=product.base_params,
-        seed=spec.seed,
-        device=device,
-    )
+    meta = tensor_meta(product, seed=spec.seed, device=device)
     return method.blocked(meta)
 
 

@@ -406,22 +406,29 @@ def _product(
     return product, refs
 
 
+def tensor_meta(product: Product, *, seed: int = 0, device: torch.device | None = None) -> TensorMeta:
+    """What the product's method knows of it before any data (parameter checks, blocked merges)."""
+    return TensorMeta(
+        name=product.name,
+        shape=tuple(product.shape),
+        k=len(product.models),
+        has_base=product.base is not None,
+        model_params=product.model_params,
+        params=product.params,
+        base_params=product.base_params,
+        seed=seed,
+        device=device if device is not None else torch.device("cpu"),
+        statistics=frozenset(product.statistics),
+    )
+
+
 def _check_params(out: OutputSpec, product: Product) -> None:
     """Run the method's parameter checks for this tensor, before anything is read (see MergeMethod.check_params);
     a linear method's coefficients are its check, whether or not the engine then uses them."""
     method = out.method
     if method.check_params is not None:
         method.check_params(
-            TensorMeta(
-                name=product.name,
-                shape=tuple(product.shape),
-                k=len(product.models),
-                has_base=product.base is not None,
-                model_params=product.model_params,
-                params=product.params,
-                base_params=product.base_params,
-                statistics=frozenset(product.statistics),
-            )
+            tensor_meta(product)
         )
     if method.linear_coefficients is not None and (product.vocabulary is not None or product.statistics):
         method.linear_coefficients(product.model_params, product.params, product.base_params, name=product.name)

@@ -41,9 +41,13 @@ from dataclasses import dataclass
 import torch
 
 from mergescale.device import check_device
-from mergescale.engine.buffers import BufferPool
+from mergescale.engine.allocator import allocator_settings
+from mergescale.engine.buffers import BufferPool, empty_tensor
+from mergescale.engine.finite import raise_if_nonfinite
 from mergescale.engine.plan import MergePlan, TensorJob
-from mergescale.engine.stream import StreamStats, _check_finite, _Progress, allocator_settings
+from mergescale.engine.progress import MergeProgress
+from mergescale.engine.stream import StreamStats
+from mergescale.engine.threads import ByteBudget, abort_run, drain
 from mergescale.errors import ConfigError, NonFiniteError
 from mergescale.io.checkpoint import populate_map, release_map_pages
 
@@ -178,13 +182,13 @@ def _run_sliding(
     read_q: queue.Queue = queue.Queue(maxsize=1)
     # inputs mapped ahead of the computation, in bytes (one tensor's always): a curve maps every checkpoint of a
     # tensor at once, and mapped pages count in the process's memory
-    budget = _InFlight(prefetch_bytes)
+    budget = ByteBudget(prefetch_bytes)
     write_q: queue.Queue = queue.Queue(maxsize=1)  # one tensor's outputs wait for the writer
     stop = threading.Event()
     errors: list[BaseException] = []
     reader = threading.Thread(target=_read_jobs, args=(sliding, read_q, stop, budget), daemon=True)
     writer = threading.Thread(target=_write_jobs, args=(write_q, errors), daemon=True)
-    bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
+    bar = MergeProgress(progress, plan.bytes_to_read, len(plan.jobs))
     # idle output blocks kept for reuse: room for the largest tensor's outputs and as much again for the others,
     # so the largest ones wait, idle, for the next large tensor (the pool lets go of the largest first)
     largest = max((math.prod(r.shape) * r.dtype.itemsize for j in plan.jobs for r in j.reads), default=0)
@@ -204,6 +208,7 @@ def _run_sliding(
                     sliding, job, inputs, streamed, device, executor, n_workers, check_finite, pool
                 )
                 del inputs, item
+                budget.taken()  # computed: its inputs no longer count
                 budget.release(job.nbytes)
                 write_q.put([(plan.outputs[o].sink, job.name, t) for o, t in results])
                 del results
@@ -222,57 +227,18 @@ def _run_sliding(
     except BaseException:
         stop.set()
         budget.close()
-        _drain(read_q)
-        _drain(write_q)
-        if writer.is_alive():
-            write_q.put(None)
-            writer.join(timeout=30)
-        for out in plan.outputs:
-            out.sink.abort()
+        drain(read_q)
+        abort_run(plan.outputs, write_q, writer, None)
         raise
     finally:
         stop.set()
         budget.close()
-        _drain(read_q)
+        drain(read_q)
         if executor is not None:
             executor.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
-
-
-class _InFlight:
-    """Bytes of inputs mapped but not yet computed: the reader waits while more than ``limit`` are, unless none
-    are (one tensor is always let through)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used, self.closed = limit, 0, False
-        self.cond = threading.Condition()
-
-    def acquire(self, n: int) -> bool:
-        with self.cond:
-            while self.used > 0 and self.used + n > self.limit and not self.closed:
-                self.cond.wait()
-            self.used += n
-            return not self.closed
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
 
 
 def _job_order(jobs: Sequence[TensorJob]) -> list[TensorJob]:
@@ -300,7 +266,7 @@ def _job_order(jobs: Sequence[TensorJob]) -> list[TensorJob]:
     return order
 
 
-def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event, budget: _InFlight) -> None:
+def _read_jobs(sliding: SlidingPlan, read_q: queue.Queue, stop: threading.Event, budget: ByteBudget) -> None:
     plan = sliding.plan
     try:
         for job in _job_order(plan.jobs):
@@ -348,13 +314,6 @@ def _write_jobs(write_q: queue.Queue, errors: list[BaseException]) -> None:
         del items
 
 
-def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, pool: BufferPool) -> torch.Tensor:
-    """An uninitialised tensor, on a reused buffer when it is large and on the CPU: a curve writes T outputs of
-    every tensor, and fresh pages for them would each be faulted in and zeroed by the kernel."""
-    buf = pool.take(shape[0] * shape[1] * dtype.itemsize) if device.type == "cpu" else None
-    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)
-
-
 def _compute_job(
     sliding: SlidingPlan,
     job: TensorJob,
@@ -385,7 +344,7 @@ def _compute_job(
         dtypes = {plan.output_dtype(plan.outputs[o], products[o]) for o in g.outputs}
         if len(dtypes) != 1:
             raise ConfigError("the outputs of one window group must share an output dtype")
-        target = _empty((len(g.outputs), math.prod(shape)), dtypes.pop(), device, pool)
+        target = empty_tensor((len(g.outputs), math.prod(shape)), dtypes.pop(), device, pool)
         targets.append(target)
         results += [(o, target[k].view(shape)) for k, o in enumerate(g.outputs)]
     used = sorted({s for g in sliding.groups for s in range(g.lo, g.hi)})
@@ -421,7 +380,7 @@ def _compute_job(
             total += f.result()
     if check_finite and not math.isfinite(total):
         for s in used:  # a window is non-finite iff one of the group's inputs is (0·NaN is NaN too)
-            _check_finite(plan.labels[s], job.name, xs[s].to(torch.float32))
+            raise_if_nonfinite(plan.labels[s], job.name, xs[s].to(torch.float32))
         raise NonFiniteError(f"tensor {job.name!r} overflows when averaged")
     return results
 

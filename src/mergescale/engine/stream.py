@@ -26,18 +26,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from mergescale.device import check_device
+from mergescale.engine.allocator import allocator_settings, before_large_allocation
 from mergescale.engine.blocks import run_blocked
-from mergescale.engine.buffers import BufferPool
-from mergescale.engine.linear_fold import Block, fold_blocks
+from mergescale.engine.buffers import BufferPool, empty_tensor
+from mergescale.engine.finite import raise_if_nonfinite
+from mergescale.engine.linear_outputs import LinearFolder
 from mergescale.engine.memory import MemoryPlan, PeakRss, ProductMemory, plan_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
+from mergescale.engine.progress import MergeProgress
+from mergescale.engine.threads import ByteBudget, abort_run
 from mergescale.errors import NonFiniteError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
@@ -73,46 +76,6 @@ class StreamStats:
         return self.bytes_read / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
 
-class _ByteBudget:
-    """Bytes read but not yet let go of (queued, or kept by the linear folder), at most ``limit``.
-
-    The reader waits while the budget is spent and something is still queued; with nothing queued one more
-    item is always let through, so the consumer can never wait for an input the budget holds back.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.queued = 0
-        self.cond = threading.Condition()
-        self.closed = False
-
-    def acquire(self, n: int) -> bool:
-        """Reserve ``n`` bytes for one item about to be queued; False once closed."""
-        with self.cond:
-            while self.queued > 0 and self.used + n > self.limit and not self.closed:
-                self.cond.wait()
-            self.used += n
-            self.queued += 1
-            return not self.closed
-
-    def taken(self) -> None:
-        """The consumer took an item off the queue (its bytes stay reserved until released)."""
-        with self.cond:
-            self.queued -= 1
-            self.cond.notify_all()
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
 @dataclass
 class _OutputState:
     """Work in progress of one product (one output tensor of one output) of the current job."""
@@ -128,96 +91,6 @@ class _OutputState:
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # read -> float32 input, before vocabulary alignment
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (k, ...) float32 stack
     memory: ProductMemory | None = None  # how it is computed ("blocked": over row blocks of the held inputs)
-
-
-def _check_finite(label: str, name: str, t: torch.Tensor) -> None:
-    """Raise on NaN/Inf in a float32 tensor.
-
-    A sum is ten times cheaper than ``isfinite`` and is non-finite whenever an entry is; only then (or on an
-    overflowing sum of finite values) is the exact check run.
-    """
-    if not t.is_floating_point() or math.isfinite(float(t.sum())):
-        return
-    if not bool(torch.isfinite(t).all()):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise NonFiniteError(f"{label}: tensor {name!r} contains {bad} values", in_input=True)
-
-
-@contextmanager
-def allocator_settings() -> Iterator[None]:
-    """For the duration of a run, make glibc reuse freed blocks of up to 64 MB instead of returning them to the
-    OS; restored afterwards, since a process that merges also evaluates and trains (a study).
-
-    Merging allocates and frees tensors of the same few sizes over and over; by default each one above 32 MB
-    is a fresh mmap whose pages fault in on first touch, which was measured to cost more than reading the
-    inputs (4 s vs 0.8 s to read and convert 2.7 GB of bf16 here). Above 64 MB (embeddings, output heads in
-    float32) blocks still go back to the OS: keeping those too fragmented the heap and raised the peak RSS of
-    a 10-checkpoint average from about 1.05 GB to 1.5-2.0 GB, growing with the number of checkpoints.
-
-    Restored on exit: the mmap and trim thresholds (to glibc's documented defaults, 128 KiB; glibc's dynamic
-    mmap threshold stays off once any program sets it). Not undoable: the number of arenas (one, so threads'
-    arenas do not cap heap blocks at 64 MB and fall back to mmap): glibc fixes its arena limit the first time a
-    second thread allocates, so a process keeps whatever limit was in force then.
-    """
-    global _LIBC
-    libc = _glibc()
-    if libc is None:  # not glibc: keep the defaults
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
-    libc.mallopt(_M_ARENA_MAX, 1)
-    outer, _LIBC = _LIBC, libc
-    try:
-        yield
-    finally:
-        _LIBC = outer
-        if outer is None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            libc.mallopt(_M_ARENA_MAX, 0)
-
-
-def _glibc():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (not glibc without it)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-
-
-def before_large_allocation(nbytes: int, device: torch.device) -> None:
-    """Return free heap pages (:func:`release_free_heap`) before a CPU allocation of 64 MB or more."""
-    if device.type == "cpu" and nbytes >= _TRIM_BEFORE_BYTES:
-        release_free_heap()
-
-
-def release_free_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``), before a large allocation.
-
-    With trimming off (:func:`allocator_settings`), pages freed by read buffers just under the mmap threshold (a
-    bf16 embedding of a 268M model is 62.5 MiB) stay resident; the float32 stack allocated next is a fresh
-    mapping, so both would count in the peak. Called only before the largest allocations, it costs little.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-# How long an aborted run waits for the write in progress before deleting the outputs under it: one tensor's
-# write (a few GB at most, at disk speed); a writer stuck longer (a hung network file system) is abandoned.
-_WRITE_FINISH_SECONDS = 30
-
-# glibc while a run's allocator settings are in force (see allocator_settings), else None
-_LIBC = None
-# allocations from this size on are preceded by :func:`release_free_heap`
-_TRIM_BEFORE_BYTES = 64 << 20
 
 
 def run_plan(
@@ -295,21 +168,21 @@ def _run_plan(
     for out in plan.outputs:
         out.sink.begin(plan.layout(out))
     prefetch_bytes = memory.prefetch
-    budget = _ByteBudget(prefetch_bytes)
+    budget = ByteBudget(prefetch_bytes)
     read_q: queue.Queue = queue.Queue()
     # Results wait for the writer up to a byte bound, not an item count: a sweep makes nine outputs per tensor,
     # and with room for only one the computation would stall on every write.
     write_q: queue.Queue = queue.Queue()
-    write_budget = _ByteBudget(prefetch_bytes)
+    write_budget = ByteBudget(prefetch_bytes)
     errors: list[BaseException] = []
     pool = BufferPool(max_idle_bytes=prefetch_bytes)
     lazy = [jm.lazy for jm in memory.jobs]
     reader = threading.Thread(target=_read_all, args=(plan, budget, read_q, lazy), daemon=True)
     writer = threading.Thread(target=_write_all, args=(write_q, write_budget, errors), daemon=True)
-    bar = _Progress(progress, plan.bytes_to_read, len(plan.jobs))
+    bar = MergeProgress(progress, plan.bytes_to_read, len(plan.jobs))
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     executor = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="mergescale-fold") if n_workers > 1 else None
-    folder = _LinearFolder(
+    folder = LinearFolder(
         plan, device, executor, n_workers, block_bytes=prefetch_bytes, buffers=pool, budget=budget
     )
     try:
@@ -345,13 +218,7 @@ def _run_plan(
     except BaseException:
         budget.close()
         write_budget.close()
-        _drain(write_q)
-        if writer.is_alive():
-            # let a write in progress finish before its file is closed and deleted under it
-            write_q.put(_DONE)
-            writer.join(timeout=_WRITE_FINISH_SECONDS)
-        for out in plan.outputs:
-            out.sink.abort()
+        abort_run(plan.outputs, write_q, writer, _DONE)
         raise
     finally:
         if executor is not None:
@@ -365,18 +232,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, pool: BufferPool) -> torch.Tensor
     """``t.to(dtype)``, into a pooled buffer when it is large and on the CPU."""
     if t.dtype == dtype:
         return t
-    return _empty(t.shape, dtype, t.device, pool).copy_(t)
+    return empty_tensor(t.shape, dtype, t.device, pool).copy_(t)
 
 
-def _empty(
-    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, pool: BufferPool
-) -> torch.Tensor:
-    """An uninitialised tensor, on a pooled buffer when it is large and on the CPU."""
-    buf = pool.take(math.prod(shape) * dtype.itemsize) if device.type == "cpu" else None
-    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf.view(dtype).view(shape)
-
-
-def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, lazy: Sequence[frozenset[int]]) -> None:
+def _read_all(plan: MergePlan, budget: ByteBudget, read_q: queue.Queue, lazy: Sequence[frozenset[int]]) -> None:
     try:
         for j, job in enumerate(plan.jobs):
             for r, read in enumerate(job.reads):
@@ -395,7 +254,7 @@ def _read_all(plan: MergePlan, budget: _ByteBudget, read_q: queue.Queue, lazy: S
         read_q.put(exc)
 
 
-def _write_all(write_q: queue.Queue, budget: _ByteBudget, errors: list[BaseException]) -> None:
+def _write_all(write_q: queue.Queue, budget: ByteBudget, errors: list[BaseException]) -> None:
     while True:
         item = write_q.get()
         if item is _DONE:
@@ -411,14 +270,6 @@ def _write_all(write_q: queue.Queue, budget: _ByteBudget, errors: list[BaseExcep
         budget.release(nbytes)
 
 
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
-
-
 def _start_job(plan: MergePlan, job: TensorJob, memory: MemoryPlan, j: int) -> list[_OutputState]:
     return [
         _OutputState(plan.outputs[p.output], p, coefficients=p.coefficients, memory=pm)
@@ -429,7 +280,7 @@ def _start_job(plan: MergePlan, job: TensorJob, memory: MemoryPlan, j: int) -> l
 class _Held:
     """The inputs of a job's blocked products, as read (maps), kept until the job is done."""
 
-    def __init__(self, budget: _ByteBudget) -> None:
+    def __init__(self, budget: ByteBudget) -> None:
         self.budget = budget
         self.tensors: dict[int, torch.Tensor] = {}
         self.mapped: dict[int, bool] = {}
@@ -450,12 +301,12 @@ def _consume(
     plan: MergePlan,
     memory: MemoryPlan,
     read_q: queue.Queue,
-    budget: _ByteBudget,
+    budget: ByteBudget,
     device: torch.device,
-    bar: _Progress,
+    bar: MergeProgress,
     stats: StreamStats,
     check_finite: bool,
-    folder: _LinearFolder,
+    folder: LinearFolder,
     observers: Sequence[InputObserver],
 ) -> Iterator[tuple[TensorJob, list[_OutputState], _Held]]:
     current: int | None = None
@@ -502,7 +353,7 @@ def _consume(
             placed = _fold_stacked(st, r, x)
             if check_finite and placed is not None and not checked:
                 # stacked inputs are checked where they landed; linear outputs once on their result
-                _check_finite(plan.labels[read.source], read.name, placed)
+                raise_if_nonfinite(plan.labels[read.source], read.name, placed)
                 checked = True
             placed = None  # a view of the stack: it must not outlive the job
         remaining -= 1
@@ -516,110 +367,6 @@ def _consume(
             yield job, states, held
             bar.tensor_done()
             current, states = None, []
-
-
-class _LinearFolder:
-    """Folds a tensor name's inputs into every linear output as they arrive, in blocks.
-
-    Each output's terms (its sources in read order) are cut into blocks of as many inputs as fit in
-    ``block_bytes`` (at least one); a block is computed (:func:`~mergescale.engine.linear_fold.fold_blocks`) when
-    its last input arrives, on top of the float32 partial sum of the output's earlier blocks, and an input is
-    dropped once no block still needs it. So a 10-checkpoint average of a 62.5 MiB embedding holds at most three
-    inputs at a time, and memory does not grow with the number of inputs. Blocks depend on the output's own
-    terms and the tensor's size only, so an average gives the same bits alone or within a sweep.
-    """
-
-    def __init__(
-        self,
-        plan: MergePlan,
-        device: torch.device,
-        executor: Executor | None,
-        workers: int,
-        block_bytes: int,
-        buffers: BufferPool,
-        budget: _ByteBudget,
-    ):
-        self.plan, self.device = plan, device
-        self.executor, self.workers = executor, workers
-        self.buffers = buffers
-        self.block_bytes = block_bytes
-        self.budget = budget
-        self.outputs: list[_LinearOutput] = []
-        self.arrived: dict[int, torch.Tensor] = {}  # read -> input
-        self.arrived_bytes: dict[int, int] = {}
-
-    def start(self, job: TensorJob, states: list[_OutputState]) -> None:
-        self.job = job
-        self.outputs = []
-        for n in self.arrived_bytes.values():  # only after a failure: every block ends by its job's last input
-            self.budget.release(n)
-        self.arrived, self.arrived_bytes = {}, {}
-        for st in states:
-            if st.coefficients is None:
-                continue
-            p = st.product
-            per_input = max(1, math.prod(p.shape) * p.dtype.itemsize)
-            size = max(1, self.block_bytes // per_input)
-            terms = [(r, st.coefficients[r]) for r in range(len(job.reads)) if r in st.coefficients]
-            self.outputs.append(_LinearOutput(st, [terms[i : i + size] for i in range(0, len(terms), size)]))
-
-    def add(self, read: int, x: torch.Tensor, nbytes: int) -> bool:
-        """Take an input; False when no linear output needs it (the caller lets go of it)."""
-        if not any(read == s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block):
-            return False
-        self.arrived[read] = x
-        self.arrived_bytes[read] = nbytes
-        ready = []
-        for out in self.outputs:
-            if out.next < len(out.blocks) and all(s in self.arrived for s, _ in out.blocks[out.next]):
-                ready.append((out, out.blocks[out.next], out.next == len(out.blocks) - 1))
-                out.next += 1
-        if ready:
-            self._fold(ready)
-        needed = {s for out in self.outputs for block in out.blocks[out.next :] for s, _ in block}
-        for s in [s for s in self.arrived if s not in needed]:
-            del self.arrived[s]
-            self.budget.release(self.arrived_bytes.pop(s))
-        return True
-
-    def _fold(self, ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]) -> None:
-        # one pass over the inputs per output shape (a job's products usually share one tensor name)
-        by_shape: dict[tuple[int, ...], list[tuple[_LinearOutput, list[tuple[int, float]], bool]]] = {}
-        for item in ready:
-            by_shape.setdefault(item[0].state.product.shape, []).append(item)
-        for shape, group in by_shape.items():
-            self._fold_shape(shape, group)
-
-    def _fold_shape(
-        self, shape: tuple[int, ...], ready: list[tuple[_LinearOutput, list[tuple[int, float]], bool]]
-    ) -> None:
-        reads = sorted({s for _, block, _ in ready for s, _ in block})
-        row = {s: i for i, s in enumerate(reads)}
-        before_large_allocation(4 * math.prod(shape), self.device)
-        blocks = []
-        for out, block, last in ready:
-            st = out.state
-            prior = st.acc
-            if last:
-                dtype = self.plan.output_dtype(st.spec, st.product)
-                st.result = target = _empty(shape, dtype, self.device, self.buffers)
-            else:
-                if st.acc is None:
-                    st.acc = torch.empty(shape, dtype=torch.float32, device=self.device)
-                target = st.acc
-            blocks.append(Block([row[s] for s, _ in block], [c for _, c in block], target, prior))
-        sums = fold_blocks([self.arrived[s] for s in reads], blocks, pool=self.executor, workers=self.workers)
-        del blocks
-        for (out, _, last), total in zip(ready, sums, strict=True):
-            if last:
-                out.state.result_sum, out.state.acc = total, None
-
-
-@dataclass
-class _LinearOutput:
-    state: _OutputState
-    blocks: list[list[tuple[int, float]]]  # the output's (source, coefficient) terms, cut into blocks
-    next: int = 0  # the first block not yet computed
 
 
 def _fold_stacked(st: _OutputState, read: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -668,7 +415,7 @@ def _check_linear_result(plan: MergePlan, job: TensorJob, st: _OutputState, resu
     own = list(st.coefficients or {})
     for r in own + [r for r in range(len(job.reads)) if r not in own]:
         read = job.reads[r]
-        _check_finite(plan.labels[read.source], read.name, plan.sources[read.source].read(read.name).to(torch.float32))
+        raise_if_nonfinite(plan.labels[read.source], read.name, plan.sources[read.source].read(read.name).to(torch.float32))
     raise NonFiniteError(f"{st.spec.label}: tensor {st.product.name!r} overflows to Inf when merged")
 
 
@@ -698,7 +445,7 @@ def _finish(
     stack = st.stack
     if stack is None:  # no merged model for this tensor: only the base (a method that returns it as is)
         assert base is not None, f"{p.name}: no input reached {spec.label}"
-        stack = base.new_empty((0, *p.shape))
+        stack = base.newempty_tensor((0, *p.shape))
     inputs = MethodInputs(
         name=p.name,
         tensors=stack,
@@ -727,12 +474,12 @@ def _finish_blocked(
     p, pm = st.product, st.memory
     assert pm is not None and pm.merge is not None
     reads = [*p.models, *([p.base] if p.base is not None else [])]
-    out = _empty(p.shape, plan.output_dtype(st.spec, p), torch.device("cpu"), pool)
+    out = empty_tensor(p.shape, plan.output_dtype(st.spec, p), torch.device("cpu"), pool)
     before_large_allocation(pm.work, device)
 
     def check(i: int, rows: torch.Tensor) -> None:
         read = job.reads[reads[i]]
-        _check_finite(plan.labels[read.source], read.name, rows)
+        raise_if_nonfinite(plan.labels[read.source], read.name, rows)
 
     return run_blocked(
         pm.merge,
@@ -760,48 +507,3 @@ def _align_vocabulary(job: TensorJob, st: _OutputState) -> None:
     if p.base is not None:
         st.base = aligned.pop()
     st.stack = torch.stack(aligned) if aligned else None
-
-
-class _Progress:
-    """A rich progress bar over bytes read, with tensors done and GB/s; or a callback; or nothing."""
-
-    def __init__(self, progress: bool | Callable[[int, int], None], total_bytes: int, total_tensors: int) -> None:
-        self.callback = progress if callable(progress) else None
-        self.total = total_bytes
-        self.total_tensors = total_tensors
-        self.done_bytes = 0
-        self.done_tensors = 0
-        self.bar = None
-        if progress is True:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]merging[/] {task.fields[tensors]}"),
-                BarColumn(),
-                TextColumn("{task.percentage:>3.0f}%"),
-                TransferSpeedColumn(),
-                TimeElapsedColumn(),
-                transient=False,
-            )
-            self.task = self.bar.add_task("merge", total=total_bytes, tensors=f"0/{total_tensors} tensors")
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def advance(self, nbytes: int) -> None:
-        self.done_bytes += nbytes
-        if self.bar is not None:
-            self.bar.update(self.task, advance=nbytes)
-        elif self.callback is not None:
-            self.callback(self.done_bytes, self.total)
-
-    def tensor_done(self) -> None:
-        self.done_tensors += 1
-        if self.bar is not None:
-            self.bar.update(self.task, tensors=f"{self.done_tensors}/{self.total_tensors} tensors")
