@@ -23,7 +23,7 @@ def demo_command(
         "demo"
     ),
     preset: Annotated[
-        str, typer.Option(help="quick (~10 min on 2 cores), full (about an hour) or micro (seconds, for tests).")
+        str, typer.Option(help="quick (~6 min on 2 cores), full (the full world: much longer) or micro (seconds, for tests).")
     ] = "quick",
     workers: Annotated[
         int | None, typer.Option(min=1, help="Processes for the world build and the study (default: 2).")
