@@ -445,7 +445,7 @@ def _finish(
     stack = st.stack
     if stack is None:  # no merged model for this tensor: only the base (a method that returns it as is)
         assert base is not None, f"{p.name}: no input reached {spec.label}"
-        stack = base.newempty_tensor((0, *p.shape))
+        stack = base.new_empty((0, *p.shape))
     inputs = MethodInputs(
         name=p.name,
         tensors=stack,
