@@ -47,7 +47,7 @@ from mergescale.engine.finite import raise_if_nonfinite
 from mergescale.engine.plan import MergePlan, TensorJob
 from mergescale.engine.progress import MergeProgress
 from mergescale.engine.stream import StreamStats
-from mergescale.engine.threads import ByteBudget, abort_run, drain
+from mergescale.engine.threads import ByteBudget, abort_run, drain, finish_run
 from mergescale.errors import ConfigError, NonFiniteError
 from mergescale.io.checkpoint import populate_map, release_map_pages
 
@@ -218,12 +218,7 @@ def _run_sliding(
                 stats.tensors += 1
                 bar.advance(job.nbytes)
                 bar.tensor_done()
-            write_q.put(None)
-            writer.join()
-        if errors:
-            raise errors[0]
-        for out in plan.outputs:
-            out.sink.commit()
+        finish_run(plan.outputs, write_q, writer, None, errors)
     except BaseException:
         stop.set()
         budget.close()

@@ -40,7 +40,7 @@ from mergescale.engine.linear_outputs import LinearFolder
 from mergescale.engine.memory import MemoryPlan, PeakRss, ProductMemory, plan_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
 from mergescale.engine.progress import MergeProgress
-from mergescale.engine.threads import ByteBudget, abort_run
+from mergescale.engine.threads import ByteBudget, abort_run, finish_run
 from mergescale.errors import NonFiniteError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
 from mergescale.methods.base import MethodInputs
@@ -209,12 +209,7 @@ def _run_plan(
                         raise errors[0]
                 held.release()
                 stats.tensors += len({p.name for p in job.products})
-            write_q.put(_DONE)
-            writer.join()
-        if errors:
-            raise errors[0]
-        for out in plan.outputs:
-            out.sink.commit()
+        finish_run(plan.outputs, write_q, writer, _DONE, errors)
     except BaseException:
         budget.close()
         write_budget.close()

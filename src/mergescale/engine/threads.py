@@ -62,6 +62,18 @@ def drain(q: queue.Queue) -> None:
         pass
 
 
+def finish_run(outputs: Iterable[Any], write_q: queue.Queue, writer: threading.Thread, done: object,
+               errors: list[BaseException]) -> None:  # fmt: skip
+    """After the last result: wait for the writer to finish, re-raise its first error, else commit every output's
+    sink (each appears whole, atomically)."""
+    write_q.put(done)
+    writer.join()
+    if errors:
+        raise errors[0]
+    for out in outputs:
+        out.sink.commit()
+
+
 def abort_run(outputs: Iterable[Any], write_q: queue.Queue, writer: threading.Thread, done: object) -> None:
     """After a failure: let a write in progress finish (up to :data:`WRITE_FINISH_SECONDS`) before its file is
     closed and deleted under it, then abort every output's sink, so no output folder is left behind."""
