@@ -25,6 +25,7 @@ from mergescale.evaluate.loading import folder_hash
 from mergescale.io.checkpoint import resolve_model_path
 from mergescale.stages.keys import stage_key
 from mergescale.study.spec import HarnessTasks, MethodSpec, StudySpec
+from mergescale.study.task_splits import TaskInfo, TaskSplits
 
 # Bump when what a cell computes changes in a way its inputs do not show (invalidates stored cells).
 CELL_FORMAT = 1
@@ -53,15 +54,6 @@ class StudyGroup:
     base: ModelRef
     experts: dict[str, ModelRef]
     multitask: ModelRef | None = None
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A task of the suite: its split in the study (held-in / held-out) and its category."""
-
-    name: str
-    split: Literal["held_in", "held_out"]
-    category: str
 
 
 @dataclass(frozen=True)
@@ -112,7 +104,7 @@ class BaselineCell:
 
 
 @dataclass
-class StudyPlan:
+class StudyPlan(TaskSplits):
     """Everything the runner executes, resolved and keyed."""
 
     spec: StudySpec
@@ -125,14 +117,6 @@ class StudyPlan:
     draws: list[Draw]
     cells: list[MergeCell] = field(default_factory=list)
     baselines: list[BaselineCell] = field(default_factory=list)
-
-    @property
-    def held_in(self) -> list[str]:
-        return [t.name for t in self.tasks.values() if t.split == "held_in"]
-
-    @property
-    def held_out(self) -> list[str]:
-        return [t.name for t in self.tasks.values() if t.split == "held_out"]
 
     def group(self, name: str) -> StudyGroup:
         for g in self.groups:

@@ -30,6 +30,7 @@ from mergescale.evaluate.normalise import (
     over_seeds,
     versus_multitask,
 )
+from mergescale.study import task_splits
 from mergescale.study.store import StudyStore
 
 RETENTION_THRESHOLD = 0.9  # the paper's appendix counts tasks retaining less than 90% of their expert's score
@@ -44,10 +45,9 @@ class GroupInfo:
 
 
 @dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    split: str  # held_in / held_out
-    category: str
+class TaskInfo(task_splits.TaskInfo):
+    """A task as the store records it: split, category and the metric its scores are normalised on."""
+
     primary_metric: str | None
 
 
@@ -167,7 +167,7 @@ class SummaryRow:
 
 
 @dataclass
-class StudyResults:
+class StudyResults(task_splits.TaskSplits):
     """Everything a study folder holds, typed (the current spec's cells only)."""
 
     study_dir: Path
@@ -215,14 +215,6 @@ class StudyResults:
     @property
     def categories(self) -> dict[str, str]:
         return {t.name: t.category for t in self.tasks.values()}
-
-    @property
-    def held_in(self) -> list[str]:
-        return [t.name for t in self.tasks.values() if t.split == "held_in"]
-
-    @property
-    def held_out(self) -> list[str]:
-        return [t.name for t in self.tasks.values() if t.split == "held_out"]
 
     # -- aggregation ---------------------------------------------------------------------------------------------
     def normalised(self, cell_key: str, tasks: Iterable[str]) -> Aggregate:
