@@ -127,8 +127,9 @@ class AblationSpec(_Strict):
     windows: list[int] = Field(default_factory=lambda: [3, 6, 10], min_length=1)
     intervals: list[int | str | None] = Field(default_factory=lambda: [None], min_length=1)
     strategies: list[StrategySpec] = Field(
-        default_factory=lambda: [StrategySpec(strategy="sma"), StrategySpec(strategy="ema", alpha=0.2),
-                                 StrategySpec(strategy="wma")],
+        # the paper's ablation compares EMA α = 0.1 with 0.2 (its finding on α), so both are in the default
+        default_factory=lambda: [StrategySpec(strategy="sma"), StrategySpec(strategy="ema", alpha=0.1),
+                                 StrategySpec(strategy="ema", alpha=0.2), StrategySpec(strategy="wma")],
         min_length=1,
     )  # fmt: skip
     # end steps: checkpoint steps, or the fractions "early" (30 %), "middle" (60 %), "late" (the last checkpoint)
