@@ -34,6 +34,7 @@ from mergescale.methods.base import MethodInputs, TensorMeta
 
 GRID = 1 << 18
 """Entries per chunk of the grid over which float sums are taken (the selection sweep's chunk)."""
+_GRAM_PIECE = 1 << 14  # columns per piece of :func:`gram_sum` on the CPU: the pairs' products stay in cache
 
 
 Runner = Callable[[Callable[[int], None], int], None]
@@ -346,10 +347,19 @@ def gram_sum(chunk: torch.Tensor) -> list[float]:
 
     Float64: the products of float32 entries are exact, the sums torch's own (no BLAS, whose results may
     follow its threads and the data's alignment), on a fresh contiguous copy so the chunk's layout cannot
-    change them."""
+    change them; on the CPU over cache-sized pieces at fixed offsets of the chunk, added in order."""
     m, c = int(chunk.shape[0]), int(chunk.shape[-1])
     x = torch.empty((m, c), dtype=torch.float64, device=chunk.device).copy_(chunk)  # (m, c)
-    out: list[float] = []
-    for i in range(m):
-        out += (x[i : i + 1] * x[i:]).sum(dim=1).tolist()  # (m − i,) ⟨xᵢ, xⱼ⟩ for j ≥ i
-    return out
+    step = min(c, _GRAM_PIECE) if chunk.device.type == "cpu" else c
+    pairs = m * (m + 1) // 2
+    products = torch.empty((pairs, step), dtype=torch.float64, device=chunk.device)  # (P, step)
+    total = torch.zeros(pairs, dtype=torch.float64, device=chunk.device)  # (P,)
+    for s in range(0, c, step):
+        xs = x[:, s : s + step]  # (m, w)
+        w = xs.shape[1]
+        o = 0
+        for i in range(m):
+            torch.mul(xs[i : i + 1], xs[i:], out=products[o : o + m - i, :w])  # xᵢ·xⱼ for j ≥ i
+            o += m - i
+        total += products[:, :w].sum(dim=1)
+    return total.tolist()
