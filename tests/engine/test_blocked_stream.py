@@ -113,3 +113,28 @@ def test_budget_sizes_blocks_and_refuses_what_cannot_hold_one(llama_models):
     assert tight.blocked > 0 and tight.peak <= baseline + need - 1
     with pytest.raises(memory.MemoryBudgetError, match=r"^--max-memory .* cannot hold one block of tensor"):
         memory.plan_memory(plan, max_memory=baseline + 1000, baseline=baseline)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 5000])
+def test_geometric_methods_blocked_give_the_whole_stack_results(llama_models, monkeypatch, block_bytes):
+    """model_stock (one angle per tensor, and per row) and SLERP: their statistics pass over blocks of mapped
+    inputs gives the whole-stack result bit for bit, on two worker threads."""
+    experts = [str(llama_models[f"expert{i}"]) for i in range(3)]
+    base = str(llama_models["base"])
+
+    def config(method: str, models: list[str], **params) -> object:
+        return load_config({"merge_method": method, "base_model": base, "models": [{"model": m} for m in models],
+                            "parameters": params, "dtype": "bfloat16"})  # fmt: skip
+
+    configs = [config("model_stock", experts), config("model_stock", experts, filter_wise=True),
+               config("slerp", experts[:1], t=0.3)]  # fmt: skip
+    want, whole = _run(configs, workers=2)
+    assert whole.blocked == 0
+    _force_blocks(monkeypatch, block_bytes)
+    got, stats = _run(configs, workers=2)
+    floats = sum(1 for t in want[0].values() if t.dtype.is_floating_point)
+    assert stats.blocked == len(configs) * floats
+    for g, w, c in zip(got, want, configs, strict=True):
+        assert g.keys() == w.keys()
+        for name in w:
+            assert torch.equal(g[name], w[name]), (c.merge_method, name)

@@ -6,9 +6,18 @@ import pytest
 import torch
 
 import mergescale.methods.selection as selection
+from mergescale.errors import ConfigError
 from mergescale.methods import METHODS, get_method
 from mergescale.methods.base import MethodInputs
-from mergescale.methods.blocked import GRID, GridSum, TensorMeta, abs_sum, block_bounds, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    GridSum,
+    TensorMeta,
+    abs_sum,
+    block_bounds,
+    gram_sum,
+    run_in_memory,
+)
 from mergescale.methods.random_masks import ByteStream, bernoulli_mask, random_bytes
 from mergescale.methods.selection import BlockThreshold, TopKApply, TopKSearch, naive_top_k_mask
 
@@ -51,8 +60,11 @@ CASES = [
     ("ram", {}, {"epsilon": 0.004}),
     ("ramplus_tl", {}, {"epsilon": 0.004, "r": 0.3}),
     ("nearswap", {}, {"t": 0.005}),
+    ("model_stock", {}, {}),  # one angle per tensor: Gram sums over the grid
+    ("model_stock", {}, {"filter_wise": True}),  # one angle per row (1-D: per tensor)
+    ("slerp", {}, {"t": 0.3}),
 ]
-MODELS: dict[str, int] = {"nearswap": 1}  # models per case where not 3
+MODELS: dict[str, int] = {"nearswap": 1, "slerp": 1}  # models per case where not 3
 SHAPES = [
     ((300, 70), False),  # below the sampling threshold: every entry a candidate
     ((700, 400), False),  # 280,000 entries: the sampled band, and more than one grid chunk of sums
@@ -95,7 +107,7 @@ def test_the_methods_that_declare_a_blocked_form():
     """The methods that declare a blocked form (the rest keep the whole-tensor path, docs/performance.md)."""
     assert {name for name in METHODS.names() if METHODS.get(name).blocked is not None} == {
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear", "ram", "ramplus_tl", "nearswap",
+        "della_linear", "ram", "ramplus_tl", "nearswap", "model_stock", "slerp",
     }
 
 
@@ -200,3 +212,120 @@ def test_block_bounds_cover_the_rows_in_order(rows, multiple):
         assert bounds[0][0] == 0 and bounds[-1][1] == rows
         assert all(a == b for (_, a), (b, _) in zip(bounds, bounds[1:], strict=False))
         assert all(a % multiple == 0 for a, _ in bounds)
+
+
+def _geometric(method: str, stack: torch.Tensor, base: torch.Tensor, params: dict) -> MethodInputs:
+    return MethodInputs(name="w", tensors=stack.clone(), base=base.clone(),
+                        model_params=[{} for _ in range(stack.shape[0])], params=dict(params))  # fmt: skip
+
+
+def _all_blockings_equal_whole(method: str, stack: torch.Tensor, base: torch.Tensor, params: dict) -> torch.Tensor:
+    m = get_method(method)
+    whole = m(_geometric(method, stack, base, params))
+    rows = base.shape[0] if base.dim() else 1
+    for per in sorted({1, 2, 3, max(1, rows // 2)}):
+        for lazy in (False, True):
+            inputs = _geometric(method, stack, base, params)
+            got = run_in_memory(m.blocked(TensorMeta.of(inputs)), inputs, rows_per_block=per, lazy=lazy)
+            assert torch.equal(got, whole), (method, params, tuple(base.shape), per, lazy)
+    return whole
+
+
+def _slerp_degenerate_cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(40, 9, generator=g)
+    return [
+        ("parallel", v, 2.0 * v),
+        ("antiparallel", v, -0.5 * v),
+        ("zero base", torch.zeros(40, 9), v),
+        ("both zero", torch.zeros(40, 9), torch.zeros(40, 9)),
+        ("1-D", v[:, 0].clone(), torch.randn(40, generator=g)),
+        ("0-dim", torch.tensor(1.5), torch.tensor(-0.5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _slerp_degenerate_cases()])
+def test_slerp_degenerate_angles_are_blocked_bit_for_bit(case):
+    """(Anti)parallel tensors take the lerp, zero tensors the norm floor: the same whatever the blocks."""
+    name, v0, v1 = _slerp_degenerate_cases()[case]
+    t = 0.3
+    whole = _all_blockings_equal_whole("slerp", v1.unsqueeze(0), v0, {"t": t})
+    if name in ("parallel", "antiparallel"):
+        torch.testing.assert_close(whole, (1 - t) * v0 + t * v1)  # lerp
+    if name == "zero base":
+        torch.testing.assert_close(whole, torch.sin(torch.tensor(t * torch.pi / 2)) * v1)  # cos Ω = 0
+
+
+def _model_stock_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, float | None]]:
+    """(name, models, base, the expected t or None)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 8, generator=g)
+    d = torch.randn(30, 8, generator=g)
+    return [
+        ("equal offsets", torch.stack([base + d, base + d, base + d]), base, 1.0),  # cos = 1 → t = 1
+        ("opposite offsets", torch.stack([base + d, base - d]), base, 0.0),  # 1 + cos = 0 → the base
+        ("no offsets", torch.stack([base, base]), base, 0.0),  # zero norms: the 1e-6 floor, cos = 0
+        ("3-D", base.reshape(5, 6, 8) + torch.randn(3, 5, 6, 8, generator=g), base.reshape(5, 6, 8), None),
+        ("1-D", base[:, 0] + torch.randn(4, 30, generator=g), base[:, 0].clone(), None),
+        ("0-dim", torch.tensor([0.5, -1.0, 2.0]), torch.tensor(0.25), None),
+    ]
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _model_stock_cases()])
+def test_model_stock_degenerate_angles_and_shapes_are_blocked_bit_for_bit(case, filter_wise):
+    name, stack, base, t = _model_stock_cases()[case]
+    whole = _all_blockings_equal_whole("model_stock", stack, base, {"filter_wise": filter_wise})
+    if t is not None:
+        torch.testing.assert_close(whole, base + t * (stack - base).mean(dim=0))
+
+
+def test_model_stock_per_row_angles_differ_from_the_tensor_angle():
+    """filter_wise: one t per row, computed within a block (rows 0-1 agree, rows 2-3 oppose)."""
+    base = torch.zeros(4, 3)
+    a = torch.tensor([[1.0, 0, 0], [0, 2, 0], [1, 1, 0], [0, 0, 3]])
+    b = torch.tensor([[1.0, 0, 0], [0, 2, 0], [-1, -1, 0], [0, 0, -3]])
+    got = _all_blockings_equal_whole("model_stock", torch.stack([a, b]), base, {"filter_wise": True})
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 0, 0], [0, 0, 0]]))
+
+
+def test_geometric_methods_do_not_block_what_they_cannot_merge():
+    """Fewer than two models (model_stock) or not exactly one (slerp), or no base: no blocked form, and the
+    whole-tensor function refuses with the method and tensor named."""
+    one = _geometric("model_stock", torch.ones(1, 3), torch.zeros(3), {})
+    assert get_method("model_stock").blocked(TensorMeta.of(one)) is None
+    with pytest.raises(ConfigError, match="model_stock: tensor 'w'"):
+        get_method("model_stock")(one)
+    two = _geometric("slerp", torch.ones(2, 3), torch.zeros(3), {"t": 0.5})
+    assert get_method("slerp").blocked(TensorMeta.of(two)) is None
+    with pytest.raises(ConfigError, match="slerp: tensor 'w'"):
+        get_method("slerp")(two)
+    no_base = MethodInputs(name="w", tensors=torch.ones(2, 3), base=None, model_params=[{}, {}], params={})
+    assert get_method("model_stock").blocked(TensorMeta.of(no_base)) is None
+
+
+def test_grid_sums_take_pieces_with_leading_dimensions():
+    x = torch.randn(3, 2 * GRID + 999)
+    want = [0.0] * 6
+    for s in range(0, x.shape[1], GRID):
+        want = [a + b for a, b in zip(want, gram_sum(x[:, s : s + GRID]), strict=True)]
+    for piece in (1000, GRID + 1, x.shape[1]):
+        sums = GridSum(x.shape[1], gram_sum, width=6)
+        for s in range(0, x.shape[1], piece):
+            sums.feed(x[:, s : s + piece], s)
+        assert sums.values == want, piece
+
+
+@pytest.mark.parametrize("method,params,k", [("slerp", {"t": 0.3}, 1), ("model_stock", {}, 3)])
+def test_geometric_statistics_are_the_same_float64_sums_whatever_the_blocks(method, params, k):
+    """The float64 sums themselves, not only the float32 result (which rounds most of their last bits away)."""
+    stack, base = _inputs(k, (700, 400), seed=9)  # more than one grid chunk
+    m = get_method(method)
+    want = None
+    for rows, lazy in ((None, False), (1, False), (7, True), (333, True)):
+        inputs = _geometric(method, stack, base, params)
+        merge = m.blocked(TensorMeta.of(inputs))
+        run_in_memory(merge, inputs, rows_per_block=rows, lazy=lazy)
+        if want is None:
+            want = list(merge.sums.values)
+        assert merge.sums.values == want, (rows, lazy)

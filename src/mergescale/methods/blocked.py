@@ -34,6 +34,7 @@ from mergescale.methods.base import MethodInputs, TensorMeta
 
 GRID = 1 << 18
 """Entries per chunk of the grid over which float sums are taken (the selection sweep's chunk)."""
+_GRAM_PIECE = 1 << 14  # columns per piece of :func:`gram_sum` on the CPU: the pairs' products stay in cache
 
 
 Runner = Callable[[Callable[[int], None], int], None]
@@ -285,9 +286,11 @@ def run_in_memory(
 class GridSum:
     """Σ over the grid chunks of a flat tensor of ``n`` entries of ``float(fn(chunk))``, fed in pieces in order.
 
-    Every chunk ``[c·GRID, (c+1)·GRID)`` reaches ``fn`` whole and contiguous: pieces that cover it are passed
-    as views, and chunks cut by a piece boundary are gathered in a carry buffer first. So the result depends on
-    the tensor's values alone, not on how it was cut into blocks. ``fn`` returns one float or a list of them.
+    Every chunk ``[c·GRID, (c+1)·GRID)`` reaches ``fn`` whole: pieces that cover it are passed as views, and
+    chunks cut by a piece boundary are gathered in a carry buffer first. So the result depends on the tensor's
+    values alone, not on how it was cut into blocks (``fn`` must not depend on the chunk's memory layout: copy
+    it first where a kernel might). ``fn`` returns one float or a list of them. Pieces may carry leading
+    dimensions (``(m, c)``: m aligned flat tensors, e.g. every model's entries), the grid running along the last.
     """
 
     def __init__(self, n: int, fn: Callable[[torch.Tensor], float | list[float]], width: int = 1) -> None:
@@ -306,25 +309,26 @@ class GridSum:
             self.values[i] += v
 
     def feed(self, piece: torch.Tensor, offset: int) -> None:
-        """The flat entries ``[offset, offset + len(piece))`` (contiguous, in order after the previous piece)."""
-        pos, end = offset, offset + piece.numel()
+        """The flat entries ``[offset, offset + c)`` of a ``(..., c)`` piece (in order after the previous one)."""
+        pos, end = offset, offset + piece.shape[-1]
         while pos < end:
             chunk_start = pos - pos % GRID
             chunk_end = min(chunk_start + GRID, self.n)
             take = min(end, chunk_end) - pos
-            part = piece[pos - offset : pos - offset + take]
+            part = piece[..., pos - offset : pos - offset + take]
             if pos == chunk_start and take == chunk_end - chunk_start:
                 self._add(part)  # a whole chunk
             else:
                 if self._carry is None:
-                    self._carry = torch.empty(min(GRID, self.n), dtype=piece.dtype, device=piece.device)
+                    lead = tuple(piece.shape[:-1])
+                    self._carry = torch.empty((*lead, min(GRID, self.n)), dtype=piece.dtype, device=piece.device)
                 if self._carry_len == 0:
                     self._carry_start = chunk_start
                 assert self._carry_start == chunk_start and self._carry_len == pos - chunk_start, "pieces out of order"
-                self._carry[self._carry_len : self._carry_len + take] = part
+                self._carry[..., self._carry_len : self._carry_len + take] = part
                 self._carry_len += take
                 if self._carry_start + self._carry_len == chunk_end:
-                    self._add(self._carry[: self._carry_len])
+                    self._add(self._carry[..., : self._carry_len])
                     self._carry_len = 0
             pos += take
 
@@ -336,3 +340,26 @@ class GridSum:
 def abs_sum(chunk: torch.Tensor) -> float:
     """Σ|x| of a chunk in float32, as a Python float (torch's cascade summation)."""
     return float(chunk.abs().sum())
+
+
+def gram_sum(chunk: torch.Tensor) -> list[float]:
+    """⟨xᵢ, xⱼ⟩ for i ≤ j of the rows of an ``(m, c)`` chunk, the upper triangle row by row (m(m+1)/2 floats).
+
+    Float64: the products of float32 entries are exact, the sums torch's own (no BLAS, whose results may
+    follow its threads and the data's alignment), on a fresh contiguous copy so the chunk's layout cannot
+    change them; on the CPU over cache-sized pieces at fixed offsets of the chunk, added in order."""
+    m, c = int(chunk.shape[0]), int(chunk.shape[-1])
+    x = torch.empty((m, c), dtype=torch.float64, device=chunk.device).copy_(chunk)  # (m, c)
+    step = min(c, _GRAM_PIECE) if chunk.device.type == "cpu" else c
+    pairs = m * (m + 1) // 2
+    products = torch.empty((pairs, step), dtype=torch.float64, device=chunk.device)  # (P, step)
+    total = torch.zeros(pairs, dtype=torch.float64, device=chunk.device)  # (P,)
+    for s in range(0, c, step):
+        xs = x[:, s : s + step]  # (m, w)
+        w = xs.shape[1]
+        o = 0
+        for i in range(m):
+            torch.mul(xs[i : i + 1], xs[i:], out=products[o : o + m - i, :w])  # xᵢ·xⱼ for j ≥ i
+            o += m - i
+        total += products[:, :w].sum(dim=1)
+    return total.tolist()
