@@ -54,6 +54,7 @@ METHODS = {
     "nuslerp": ({"weight": 1.0}, {}),
     "multislerp": ({"weight": 1.0}, {}),
     "karcher": ({}, {}),
+    "model_stock": ({}, {}),
     "sce": ({}, {"select_topk": 0.5}),
     "nearswap": ({}, {"t": 0.001}),
     "arcee_fusion": ({}, {}),
