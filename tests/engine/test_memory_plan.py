@@ -8,31 +8,27 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergescale.api import plan_memory
 from mergescale.engine.memory import MemoryBudgetError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
 
-HIDDEN, INTERMEDIATE, LAYERS, VOCAB, KV = 8192, 28672, 80, 128256, 1024  # Llama-3-70B
+HIDDEN, VOCAB = 8192, 128256
+LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": VOCAB, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16"}  # fmt: skip
 
 
 def llama3_70b_shapes() -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-        }
-    return shapes | {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    """Every tensor's shape, from transformers' own Llama built on the meta device (nothing allocated)."""
+    fields = {k: v for k, v in LLAMA3_70B.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def write_sparse_model(folder: Path, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -51,11 +47,7 @@ def write_sparse_model(folder: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     with open(folder / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + offset)  # a hole: no data written, no disk used
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": 64,
-              "num_key_value_heads": 8, "vocab_size": VOCAB, "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16"}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(LLAMA3_70B))
     return 8 + len(raw) + offset
 
 
