@@ -95,6 +95,7 @@ class ProcessRun:
     peak_rss_gb: float
     returncode: int
     output: str
+    cpu_seconds: float = 0.0  # user + system of the process and its children: what the load does not inflate much
 
 
 _RSS_WRAPPER = (
@@ -102,17 +103,18 @@ _RSS_WRAPPER = (
     "t = time.perf_counter();"
     "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True);"
     "dt = time.perf_counter() - t;"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
     "sys.stdout.write(r.stdout[-3000:]);"
-    "print('\\n@@', dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    "print('\\n@@', dt, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)"
 )
 
 
 def run_process(cmd: list[str], env: dict[str, str] | None = None) -> ProcessRun:
-    """Run ``cmd`` as a whole process; wall time and peak RSS (kB from getrusage) of that process alone."""
+    """Run ``cmd`` as a whole process: wall time, CPU time and peak RSS (getrusage) of that process alone."""
     out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
     last = [line for line in out.stdout.splitlines() if line.startswith("@@")][-1].split()
-    return ProcessRun(float(last[1]), int(last[2]) / 1024**2, int(last[3]), out.stdout)
+    return ProcessRun(float(last[1]), int(last[2]) / 1024**2, int(last[3]), out.stdout, float(last[4]))
 
 
 def median(xs: list[float]) -> float:

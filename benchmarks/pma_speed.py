@@ -37,52 +37,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     BENCH_DIR,
+    ProcessRun,
     evict_from_page_cache,
     llama_config,
     machine,
     median,
+    run_process,
     write_random_llama,
 )
 
 STEP = 1000
 AGAINST = " [against]"
-
-
-@dataclass
-class TimedRun:
-    seconds: float
-    cpu_seconds: float  # user + system of the process and its children: what the load does not inflate much
-    peak_rss_gb: float
-    returncode: int
-    output: str
-
-
-_WRAPPER = (
-    "import resource, subprocess, sys, time;"
-    "t = time.perf_counter();"
-    "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True);"
-    "dt = time.perf_counter() - t;"
-    "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
-    "sys.stdout.write(r.stdout[-3000:]);"
-    "print('\\n@@', dt, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)"
-)
-
-
-def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> TimedRun:
-    """Run ``cmd`` as a whole process: wall time, CPU time and peak RSS (getrusage) of that process alone."""
-    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})  # fmt: skip
-    last = [line for line in out.stdout.splitlines() if line.startswith("@@")][-1].split()
-    return TimedRun(float(last[1]), float(last[4]), int(last[2]) / 1024**2, int(last[3]), out.stdout)
 
 
 def _load(avg: tuple[float, float, float]) -> str:
@@ -250,7 +222,7 @@ def main() -> None:
     work = args.cache / "work"
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     print(f"load average at the start: {_load(loads[0])}", flush=True)
-    runs: dict[str, list[TimedRun]] = {label: [] for label in contenders}
+    runs: dict[str, list[ProcessRun]] = {label: [] for label in contenders}
     # interleaved (A, B, C, A, B, C, ...): on a shared machine every contender sees the same spread of load
     for rep in range(args.repeats):
         for label, cmd in list(contenders.items()):
@@ -258,7 +230,7 @@ def main() -> None:
             if args.cold:
                 evict_from_page_cache(folders)
             env = {"PYTHONPATH": str(args.against)} if label.endswith(AGAINST) else None
-            r = run_timed([c.replace("{out}", str(work / "out")) for c in cmd], env)
+            r = run_process([c.replace("{out}", str(work / "out")) for c in cmd], env)
             if r.returncode != 0 and label.endswith(AGAINST):
                 # the older code may not have this command (the along-run curve came with issue 15)
                 last = ([x for x in r.output.strip().splitlines() if not x.startswith("@@")] or ["?"])[-1]
