@@ -317,7 +317,7 @@ def current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _high_water_mark() -> int | None:
+def high_water_mark() -> int | None:
     """The kernel's peak RSS of this process (``VmHWM``), or None where there is none."""
     try:
         with open("/proc/self/status") as fh:
@@ -347,7 +347,7 @@ class PeakRss:
             self.peak = max(self.peak, current_rss())
 
     def __enter__(self) -> PeakRss:
-        self._before = _high_water_mark()
+        self._before = high_water_mark()
         self.peak = current_rss()
         self._thread.start()
         return self
@@ -356,6 +356,6 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, current_rss())
-        after = _high_water_mark()
+        after = high_water_mark()
         if after is not None and self._before is not None and after > self._before:
             self.peak = after

@@ -26,6 +26,7 @@ from typing import Any
 
 from mergescale.api import SourcePool, plan_merges
 from mergescale.config import InputModel, MergeConfig
+from mergescale.engine.memory import high_water_mark, stacked_working_bytes
 from mergescale.engine.plan import TIED_HEADS, tied_embeddings
 from mergescale.engine.stream import run_plan
 from mergescale.io.writer import MemorySink, ModelFolderSink, TensorSink
@@ -304,8 +305,6 @@ def plan_chunks(
     one float32 tensor for linear ones); the evaluation model and the diagnostics' inputs are held throughout. A
     cell's candidates stay in one plan when they fit, since selection evaluates them together.
     """
-    from mergescale.engine.memory import stacked_working_bytes
-
     sizes = _tensor_sizes(job.group.base.path)  # (bytes, entries) per tensor
     total = sum(nbytes for nbytes, _ in sizes)
     largest = max((numel for _, numel in sizes), default=0)
@@ -366,13 +365,9 @@ def reset_peak_rss() -> None:
 
 def peak_rss() -> int | None:
     """Peak resident memory since :func:`reset_peak_rss` (Linux ``VmHWM``), or the process's peak elsewhere."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = high_water_mark()
+    if hwm is not None:
+        return hwm
     try:
         import resource
 
