@@ -30,7 +30,7 @@ from mergescale.engine import sliding as _sliding
 from mergescale.engine.plan import build_plan
 from mergescale.engine.sliding import SlidingPlan, WindowGroup, group_windows, run_sliding
 from mergescale.engine.stream import StreamStats
-from mergescale.errors import ConfigError, NonFiniteError, OutputError
+from mergescale.errors import ConfigError, OutputError
 from mergescale.io.atomic import check_output_folder, write_text_atomic
 from mergescale.io.checkpoint import open_checkpoint
 from mergescale.io.discover import CheckpointRef, RunInfo
@@ -42,6 +42,7 @@ from mergescale.pma.average import (
     check_same_tensors,
     choose,
     load_run,
+    never_average_diverged,
 )
 from mergescale.pma.record import SweepRecord
 
@@ -212,14 +213,8 @@ def _run_batch(
     try:
         check_same_tensors(sources, labels)
         sliding = SlidingPlan(build_plan(sources, labels, outputs), groups_for(batch, index))
-        stats = run_sliding(sliding, device=device, check_finite=True, progress=progress, workers=workers)
-    except NonFiniteError as exc:
-        if not exc.in_input:
-            raise
-        raise NonFiniteError(
-            f"{exc}; a diverged checkpoint is never averaged: end the curve before it or see "
-            f"`mergescale pma recover`"
-        ) from None
+        with never_average_diverged("end the curve before it or see `mergescale pma recover`"):
+            stats = run_sliding(sliding, device=device, check_finite=True, progress=progress, workers=workers)
     finally:
         for source in sources:
             source.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -451,14 +452,8 @@ def _stream(
     try:
         check_same_tensors(sources, labels)
         plan = build_plan(sources, labels, outputs)
-        stats = run_plan(plan, device=device, check_finite=True, progress=progress)
-    except NonFiniteError as exc:
-        if not exc.in_input:
-            raise
-        raise NonFiniteError(
-            f"{exc}; a diverged checkpoint is never averaged: end the window before it (--end STEP) "
-            f"or see `mergescale pma recover`"
-        ) from None
+        with never_average_diverged("end the window before it (--end STEP) or see `mergescale pma recover`"):
+            stats = run_plan(plan, device=device, check_finite=True, progress=progress)
     finally:
         for source in sources:
             source.close()
@@ -469,6 +464,18 @@ def _stream(
             p.result.state_dict = sink.state_dict
             p.result.config = sources[index[p.result.checkpoints[-1].path]].config
     return refs
+
+
+@contextmanager
+def never_average_diverged(remedy: str) -> Iterator[None]:
+    """A NaN or Inf in a checkpoint means the run diverged there: refuse it with ``remedy`` (the merge's
+    ``--allow-nonfinite`` does not apply to averages); an overflow of the average itself passes unchanged."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        if not exc.in_input:
+            raise
+        raise NonFiniteError(f"{exc}; a diverged checkpoint is never averaged: {remedy}") from None
 
 
 def check_same_tensors(sources: Sequence[Any], labels: Sequence[str]) -> None:
