@@ -84,20 +84,10 @@ def test_exported_metrics_run_without_mergescale(suite_dir: Path, tmp_path: Path
 
 
 def test_bad_task_file_is_one_red_line_and_exit_code_1(tmp_path: Path, monkeypatch, capsys) -> None:
-    from mergescale.cli import main
-
     (tmp_path / "test.jsonl").write_text('{"context": "a", "choices": ["x"], "gold": 0}\n{"context": "b"\n')
     (tmp_path / "task.yaml").write_text("name: t\ndata: {test: test.jsonl}\n")
-    monkeypatch.setattr("sys.argv", ["mergescale", "tasks", "validate", str(tmp_path / "task.yaml")])
-    try:
-        main()
-    except SystemExit as exc:
-        assert exc.code == 1
-    else:
-        raise AssertionError("main() did not exit")
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "test.jsonl:2: invalid JSON" in err
-    assert "Traceback" not in err and len(err.replace(str(tmp_path), "").splitlines()) == 1
+    err = _main_error(monkeypatch, capsys, "tasks", "validate", str(tmp_path / "task.yaml"))
+    assert "test.jsonl:2: invalid JSON" in err
 
 
 def _main_error(monkeypatch, capsys, *args: str) -> str:
