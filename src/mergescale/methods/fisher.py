@@ -29,10 +29,8 @@ def fisher_merge(inputs: MethodInputs) -> torch.Tensor:
     thetas = inputs.tensors.to(torch.float32)  # (k, *shape) engine-owned
     fisher = inputs.statistics.get("fisher")
     if fisher is None:
-        total = float(weights.sum())
-        if total == 0:
-            raise ConfigError(f"fisher: tensor {inputs.name!r}: model weights sum to 0")
-        return (thetas * weights).sum(dim=0).div_(total)
+        check_params(TensorMeta.of(inputs))  # Σw ≠ 0 (the plan checks it too, before anything is read)
+        return (thetas * weights).sum(dim=0).div_(float(weights.sum()))
     if fisher.shape != inputs.tensors.shape:
         raise ConfigError(
             f"fisher: tensor {inputs.name!r}: Fisher statistics of shape {tuple(fisher.shape[1:])} for a tensor of "
