@@ -385,6 +385,7 @@ class TopKSearch:
         self._pass = 0  # passes resolved so far
         self._coarse = False  # this pass builds coarse histograms
         self._positions: torch.Tensor | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if n <= _DIRECT_MAX:
             self._set_bands([(k, 0.0, math.inf) for k in ks])
 
@@ -405,16 +406,18 @@ class TopKSearch:
 
     def take_sample(self, sample: torch.Tensor) -> None:
         """The entries of x at :meth:`sample_positions` (after the subtraction :meth:`feed` does)."""
-        s = sample.abs().sort().values  # (S,) ascending
-        size = s.numel()
+        m = sample.abs()  # (S,)
+        size = m.numel()
+
+        def ranked(r: int) -> float:  # the sample's r-th smallest (from 0): a selection, not a sort of 2²⁰
+            return torch.kthvalue(m, r + 1).values.item()
+
         bands = []
         for k in self.ks:
             p = k / self.n
             center = (1.0 - p) * size  # the k-th largest sits at ascending rank (n - k) / n of the sample
             half = _Z * math.sqrt(size * p * (1.0 - p)) + 2.0
-            lo = s[max(0, math.floor(center - half))].item()
-            hi = s[min(size - 1, math.ceil(center + half))].item()
-            bands.append((k, lo, hi))
+            bands.append((k, ranked(max(0, math.floor(center - half))), ranked(min(size - 1, math.ceil(center + half)))))
         self._set_bands(bands)
 
     def _set_bands(self, bands: Sequence[tuple[int, float, float]]) -> None:
@@ -447,10 +450,7 @@ class TopKSearch:
         n = x.numel()
         whole = x.device.type != "cpu" and (self._sums is None or self._coarse)  # accelerators: one piece
         size = n if whole else min(SWEEP_CHUNK, n)
-        mbuf = torch.empty(size, dtype=torch.float32, device=x.device)  # (size,) |x| of the piece
-        # uint8 0/1 flags: comparisons write them several times faster than bool outputs
-        above = torch.empty(round8(size), dtype=torch.uint8, device=x.device)
-        inside = torch.empty(round8(size), dtype=torch.uint8, device=x.device)
+        mbuf, above, inside = self._scratch(size, x.device)
         pos = 0
         while pos < n:
             # pieces end on the grid of the whole tensor, as the whole-tensor sweep's chunks do
@@ -465,6 +465,20 @@ class TopKSearch:
             if self._sums is not None and not self._coarse:
                 self._sums.feed(mc, g)
             pos = end
+
+    def _scratch(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """|x| of a piece (float32) and two uint8 flag buffers, kept across :meth:`feed` calls: fed piece by
+        piece, fresh buffers for every piece cost more than the sweep itself once threads share the allocator's
+        one arena (:func:`~mergescale.engine.allocator.allocator_settings`)."""
+        have = self._buffers
+        if have is None or have[0].numel() < size or have[0].device != device:
+            # uint8 0/1 flags: comparisons write them several times faster than bool outputs
+            have = self._buffers = (
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(round8(size), dtype=torch.uint8, device=device),
+                torch.empty(round8(size), dtype=torch.uint8, device=device),
+            )
+        return have
 
     def _count(self, mc: torch.Tensor, above: torch.Tensor, inside: torch.Tensor, start: int) -> None:
         bits = mc.view(torch.int32)  # (c,) for |x| ≥ 0 the float order is the integer order of the bits
