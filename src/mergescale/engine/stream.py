@@ -33,7 +33,7 @@ import torch
 
 from mergescale.device import check_device
 from mergescale.engine.allocator import allocator_settings, before_large_allocation
-from mergescale.engine.blocks import run_blocked
+from mergescale.engine.blocks import run_blocked, runner
 from mergescale.engine.buffers import BufferPool, empty_tensor
 from mergescale.engine.finite import raise_if_nonfinite
 from mergescale.engine.linear_outputs import LinearFolder
@@ -43,7 +43,8 @@ from mergescale.engine.progress import MergeProgress
 from mergescale.engine.threads import ByteBudget, abort_run, finish_run
 from mergescale.errors import NonFiniteError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
-from mergescale.methods.base import MethodInputs
+from mergescale.methods.base import MethodInputs, TensorMeta
+from mergescale.methods.blocked import run_in_memory
 
 _DONE = object()
 
@@ -451,6 +452,11 @@ def _finish(
         seed=spec.seed,
         statistics=st.statistics,
     )
+    merge = spec.method.blocked(TensorMeta.of(inputs)) if spec.method.blocked is not None and workers > 1 else None
+    if merge is not None:
+        # the method's own function is this merge on one block, run on one thread; the engine's threads share
+        # its models and column ranges instead (the same result whatever the threads)
+        return run_in_memory(merge, inputs, workers=workers, run=runner(executor, workers))
     return spec.method(inputs)
 
 

@@ -234,6 +234,7 @@ def run_in_memory(
     *,
     lazy: bool = False,
     workers: int = 1,
+    run: Runner = sequential,
 ) -> torch.Tensor:
     """Run a blocked merge over in-memory inputs; float32 result of the tensor's shape.
 
@@ -241,7 +242,8 @@ def run_in_memory(
     a method may (the engine's whole-tensor path). With ``rows_per_block`` every pass copies its blocks out of
     the inputs, which stay untouched, or with ``lazy`` hands the models' rows as read, to be converted piece by
     piece (as the engine does from memory maps); tests compare these with the whole-tensor result bit for bit.
-    ``workers`` splits work as that many threads would (run here one after the other).
+    ``workers`` splits work as that many threads would, run by ``run`` (by default one after the other; the
+    engine passes its threads).
     """
     meta = TensorMeta.of(inputs)
     k = inputs.k
@@ -257,13 +259,13 @@ def run_in_memory(
 
     def fill(start: int, stop: int) -> Block:
         if whole:
-            return Block(start, stop, 0, base, tensors=stack, workers=workers)
+            return Block(start, stop, 0, base, tensors=stack, run=run, workers=workers)
         b = base[start:stop].clone() if base is not None else None
         offset = start * meta.row_numel
         if lazy and not merge.materialize:
             return Block(start, stop, offset, b, sources=list(stack[:, start:stop]), device=stack.device,
-                         workers=workers)  # fmt: skip
-        return Block(start, stop, offset, b, tensors=stack[:, start:stop].clone(), workers=workers)
+                         run=run, workers=workers)  # fmt: skip
+        return Block(start, stop, offset, b, tensors=stack[:, start:stop].clone(), run=run, workers=workers)
 
     def emit(block: Block, rows_out: torch.Tensor) -> None:
         nonlocal out
