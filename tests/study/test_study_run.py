@@ -157,14 +157,29 @@ def test_ray_gives_the_same_table(micro_study: Path, write_spec, tmp_path: Path)
 
 @pytest.mark.parametrize("budget", [1, 500_000])
 def test_a_small_memory_budget_splits_the_reads_or_uses_scratch(
-    micro_study: Path, write_spec, tmp_path: Path, budget: int
+    micro_study: Path, write_spec, tmp_path: Path, budget: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import mergescale.study.draws as draws_module
+
+    runs: list[tuple[int | None, int]] = []  # (the budget the engine planned for, products run over row blocks)
+    real_run_plan = draws_module.run_plan
+
+    def recording_run_plan(plan, **kwargs):
+        stats = real_run_plan(plan, **kwargs)
+        runs.append((kwargs["memory"].max_memory, stats.blocked))
+        return stats
+
+    monkeypatch.setattr(draws_module, "run_plan", recording_run_plan)
     out = tmp_path / "lean"
     run_study(write_spec(), out, max_memory=budget)
     assert table(out) == table(micro_study)
     draws = load_study(out).draws
     assert max(d.plans for d in draws) > 1  # the draws' merges did not fit one plan
     assert not any((out / ".scratch").iterdir())
+    # the study's budget reached the engine, whose stacked methods (ties, dare_ties) then ran over row blocks:
+    # bit for bit the unblocked merges, since the table is the same
+    assert runs and all(m is not None for m, _ in runs)
+    assert sum(blocked for _, blocked in runs) > 0, runs
 
 
 def test_export_csv_parquet_and_show(micro_study: Path, tmp_path: Path) -> None:

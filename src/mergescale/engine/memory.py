@@ -46,7 +46,13 @@ DEFAULT_PREFETCH = {True: 256 << 20, False: 128 << 20}
 
 
 class MemoryBudgetError(ConfigError):
-    """``max_memory`` cannot hold the merge (one block of some tensor besides the rest of its job)."""
+    """``max_memory`` cannot hold the merge (one block of some tensor besides the rest of its job).
+
+    ``needed`` is the least budget that would hold the tensor refused (others may then need more)."""
+
+    def __init__(self, message: str, needed: int = 0) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 @dataclass
@@ -263,7 +269,8 @@ def _plan_job(
         if rows < merge.row_multiple:
             assert max_memory is not None
             rest = need() + merge.state_bytes
-            raise MemoryBudgetError(_refusal(plan, p, max_memory, baseline, rest, per_row * merge.row_multiple))
+            smallest = per_row * merge.row_multiple
+            raise MemoryBudgetError(_refusal(plan, p, max_memory, baseline, rest, smallest), baseline + rest + smallest)
         bounds = block_bounds(_rows(p.shape), int(rows), merge.row_multiple)
         pm.rows_per_block = bounds[0][1] - bounds[0][0]
         pm.blocks = len(bounds)
@@ -280,7 +287,7 @@ def _plan_job(
     jm = JobMemory(products, lazy)
     jm.need = need() + shared
     if limit is not None and jm.need > limit:
-        raise MemoryBudgetError(_refusal(plan, job.products[0], max_memory or 0, baseline, jm.need, 0))
+        raise MemoryBudgetError(_refusal(plan, job.products[0], max_memory or 0, baseline, jm.need, 0), baseline + jm.need)
     return jm
 
 

@@ -105,6 +105,7 @@ def run_plan(
     workers: int | None = None,
     observers: Sequence[InputObserver] = (),
     max_memory: int | str | None = None,
+    memory: MemoryPlan | None = None,
 ) -> StreamStats:
     """Stream every tensor of ``plan`` through its outputs' methods into their sinks.
 
@@ -131,6 +132,8 @@ def run_plan(
             that can block (:mod:`mergescale.methods.blocked`) run over row blocks sized to keep within it, and
             a budget that cannot hold one block raises :class:`~.memory.MemoryBudgetError` before anything is
             read. None: stacks over 1 GiB are blocked in blocks of at most 256 MiB (:mod:`.memory`).
+        memory: the memory plan to follow, from :func:`~.memory.plan_memory` on this plan (instead of planning
+            again with ``max_memory``: a caller that searched for a budget runs exactly the plan it accepted).
 
     The plan's sources stay open: whoever opened them closes them. Process-wide settings the run changes (torch
     threads, the allocator's, :func:`allocator_settings`) are restored when it returns.
@@ -144,7 +147,8 @@ def run_plan(
         from mergescale.io.writer import parse_size
 
         max_memory = parse_size(max_memory, "max memory")
-    memory = plan_memory(plan, max_memory=max_memory, device=device, prefetch_bytes=prefetch_bytes)
+    if memory is None:
+        memory = plan_memory(plan, max_memory=max_memory, device=device, prefetch_bytes=prefetch_bytes)
     with allocator_settings(), PeakRss() as rss:
         stats = _run_plan(plan, device, check_finite, progress, memory, threads, workers, observers)
     stats.peak_rss, stats.planned_peak = rss.peak, memory.peak

@@ -26,7 +26,14 @@ from typing import Any
 
 from mergescale.api import SourcePool, plan_merges
 from mergescale.config import InputModel, MergeConfig
-from mergescale.engine.memory import high_water_mark, stacked_working_bytes
+from mergescale.engine.memory import (
+    MemoryBudgetError,
+    MemoryPlan,
+    current_rss,
+    high_water_mark,
+    plan_memory,
+    stacked_working_bytes,
+)
 from mergescale.engine.plan import TIED_HEADS, tied_embeddings
 from mergescale.engine.stream import run_plan
 from mergescale.io.writer import MemorySink, ModelFolderSink, TensorSink
@@ -187,7 +194,11 @@ class StudyWorker:
                     if n == 0 and self.context.diagnostics:
                         stats_obs = _diagnostics_observer(pool, job)
                         observers = [stats_obs] if stats_obs is not None else []
-                    stats = run_plan(plan, device=self.context.eval.device, progress=False, observers=observers)
+                    held = sum(1 for v in merged.values() if not isinstance(v, str))
+                    in_memory = held + sum(1 for cell, i, _ in chunk if (cell.key, i) not in scratch)
+                    memory = engine_memory(plan, job, self.context, model.nbytes, in_memory)
+                    stats = run_plan(plan, device=self.context.eval.device, progress=False, observers=observers,
+                                     memory=memory)  # fmt: skip
                 result.bytes_read += stats.bytes_read
                 result.merge_seconds += stats.seconds
                 if stats_obs is not None and stats_obs.tensors:
@@ -337,6 +348,29 @@ def plan_chunks(
                 used += total + work(cfg)
             chunks[-1].append((cell, i, cfg))
     return [c for c in chunks if c], scratch
+
+
+def engine_memory(plan: Any, job: DrawJob, context: StudyContext, model_bytes: int, in_memory: int) -> MemoryPlan:
+    """The memory plan a draw's merge runs under: a ``max_memory`` of this process now, plus what the worker's
+    budget leaves for merging once the evaluation model, the diagnostics' inputs and ``in_memory`` merged
+    models (held from earlier plans of the draw, or this plan's) are taken out of it; stacked methods then
+    block their large tensors to fit (:mod:`mergescale.engine.memory`). A budget too small for one block of
+    some tensor (where :func:`plan_chunks` sent the outputs to scratch) is raised to the least that holds one:
+    the draw then runs as lean as the engine can."""
+    sizes = _tensor_sizes(job.group.base.path)
+    total = sum(nbytes for nbytes, _ in sizes)
+    largest = max((numel for _, numel in sizes), default=0)
+    diagnostics = 4 * (len(job.experts) + 1) * largest if context.diagnostics else 0
+    room = context.memory_budget - model_bytes - diagnostics - in_memory * total
+    baseline = current_rss()
+    budget = baseline + max(room, 0)
+    while True:  # each refusal names the least that holds one more tensor: at most one round per tensor
+        try:
+            return plan_memory(plan, max_memory=budget, device=context.eval.device, baseline=baseline)
+        except MemoryBudgetError as exc:
+            if exc.needed <= budget:
+                raise
+            budget = exc.needed
 
 
 def _tensor_sizes(folder: str) -> list[tuple[int, int]]:

@@ -75,7 +75,8 @@ def run_study(
         ray / ray_address: run one Ray task per draw on a local runtime, or on the cluster at ``ray_address``.
         max_memory: bytes all workers together may hold in models (merged outputs, working stacks, evaluation
             models); default half the machine's memory. Past it, a draw's merges are split over several reads, or
-            written to a scratch folder and evaluated from there.
+            written to a scratch folder and evaluated from there; each merge runs under what the budget leaves
+            (its stacked methods over row blocks, :func:`~mergescale.study.draws.engine_memory`).
         force_new: start ``study_dir`` afresh when it holds another study.
         report: progress callback ``report(event, fields)``.
         world: a built world to use instead of the spec's ``world`` (for a spec that names one).
