@@ -138,3 +138,21 @@ def test_geometric_methods_blocked_give_the_whole_stack_results(llama_models, mo
         assert g.keys() == w.keys()
         for name in w:
             assert torch.equal(g[name], w[name]), (c.merge_method, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,mp,params", SWEEP[:3])
+def test_blocked_runs_on_cuda_match_the_whole_stack_on_cuda_and_the_cpu(llama_models, monkeypatch, method, mp, params):
+    """``--device cuda`` blocks the same way (blocks converted to the device, one kernel per op): a tensor larger
+    than the GPU's memory merges in blocks. Selections (thresholds, masks, elected signs) are exact on every
+    device; only the sums' last bits may differ from the CPU's."""
+    experts = [llama_models[f"expert{i}"] for i in range(3)]
+    config = _config(method, experts, llama_models["base"], mp, **params)
+    (cpu,), _ = _run([config])
+    (whole,), stats_whole = _run([config], device="cuda")
+    _force_blocks(monkeypatch, 5000)
+    (blocked,), stats = _run([config], device="cuda")
+    assert stats_whole.blocked == 0 and stats.blocked > 0
+    for name in cpu:
+        assert torch.allclose(blocked[name].float(), whole[name].float(), rtol=1e-2, atol=1e-6), name
+        assert torch.allclose(blocked[name].float(), cpu[name].float(), rtol=1e-2, atol=1e-6), name
