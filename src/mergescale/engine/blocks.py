@@ -151,7 +151,13 @@ def run_blocked(
                      workers=workers)  # fmt: skip
 
     def emit(block: Block, result: torch.Tensor) -> None:
-        out_rows[block.start : block.stop].copy_(result.reshape(block.stop - block.start, *row_shape))
+        # into the output dtype, on every thread: the output's pages are touched for the first time here, and
+        # faulting them in on one thread cost as much as a pass of the method
+        dst = out_rows[block.start : block.stop].reshape(-1)
+        src = result.reshape(-1)
+        n = dst.numel()
+        cuts = [n * j // workers for j in range(workers + 1)] if workers > 1 and n >= 1 << 20 else [0, n]
+        run(lambda j: dst[cuts[j] : cuts[j + 1]].copy_(src[cuts[j] : cuts[j + 1]]), len(cuts) - 1)
 
     def done(block: Block) -> None:
         if lazy:
