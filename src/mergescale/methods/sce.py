@@ -152,7 +152,7 @@ class SceMerge(BlockedMerge):
             self._positions = TopKSearch(n, [1]).sample_positions()  # a function of n alone (no sums asked for)
         # the selection's candidates (~2 % of the entries), its sample, the energies' carry chunk
         self.state_bytes = int(n * 4 * 0.025) + (4 * self._positions.numel() if self._positions is not None else 0)
-        self.state_bytes += k * GRID * 4 * 2
+        self.state_bytes += k * min(GRID, n) * 4 * 2
         self.temporaries = 0.0  # pieces are cache-sized (σ² in float64 of k rows of 64K columns)
 
     # -- statistics ----------------------------------------------------------------------------------------------
