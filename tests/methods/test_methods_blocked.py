@@ -107,7 +107,7 @@ def test_the_methods_that_declare_a_blocked_form():
     """The methods that declare a blocked form (the rest keep the whole-tensor path, docs/performance.md)."""
     assert {name for name in METHODS.names() if METHODS.get(name).blocked is not None} == {
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear", "ram", "ramplus_tl", "nearswap", "model_stock", "slerp",
+        "della_linear", "ram", "ramplus_tl", "nearswap", "model_stock", "slerp", "sce", "arcee_fusion",
     }
 
 
