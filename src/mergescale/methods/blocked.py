@@ -285,6 +285,24 @@ def run_in_memory(
     return out.reshape(meta.shape)
 
 
+def column_ranges(n: int, workers: int, offset: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Split a block's n columns into up to ``workers`` ranges for concurrent combining. A split never falls
+    inside a threshold's cut chunk (global [start, end)), whose equal entries must be walked in order by one
+    thread."""
+    if workers <= 1 or n < 2 * (1 << 16):
+        return [(0, n)]
+    points = [0]
+    for j in range(1, workers):
+        p = n * j // workers
+        for start, end in sorted(cuts):
+            if start < offset + p < end:
+                p = end - offset
+        if points[-1] < p < n:
+            points.append(p)
+    points.append(n)
+    return list(zip(points[:-1], points[1:], strict=True))
+
+
 class GridSum:
     """Σ over the grid chunks of a flat tensor of ``n`` entries of ``float(fn(chunk))``, fed in pieces in order.
 

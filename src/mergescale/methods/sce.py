@@ -31,9 +31,8 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, TensorMeta
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, run_in_memory
+from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, column_ranges, run_in_memory
 from mergescale.methods.selection import SWEEP_CHUNK, BlockThreshold, TopKApply, TopKSearch, top_k_mask
-from mergescale.methods.task_arithmetic import _column_ranges
 
 ZERO_ENERGY = 1e-6
 MIN_DIVISOR = 1e-6
@@ -195,7 +194,7 @@ class SceMerge(BlockedMerge):
         n = block.numel
         if self._whole(block):
             self._var = torch.empty(n, dtype=torch.float32, device=block.device)
-        ranges = _column_ranges(n, block.workers, block.offset, [])
+        ranges = column_ranges(n, block.workers, block.offset, [])
         counts = [0] * len(ranges)
 
         def count(j: int) -> None:
@@ -275,7 +274,7 @@ class SceMerge(BlockedMerge):
             self._mask = TopKApply(self.threshold)
         step = n if block.device.type != "cpu" else max(1 << 14, _CHUNK_BYTES // (4 * (k + 4)))
         cuts = [self.threshold.cut[:2]] if self.threshold is not None and self.threshold.cut is not None else []
-        ranges = _column_ranges(n, block.workers, block.offset, cuts)
+        ranges = column_ranges(n, block.workers, block.offset, cuts)
 
         def combine(j: int) -> None:
             lo, hi = ranges[j]

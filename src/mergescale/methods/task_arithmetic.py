@@ -54,7 +54,7 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue, TensorMeta
-from mergescale.methods.blocked import Block, BlockedMerge, run_in_memory
+from mergescale.methods.blocked import Block, BlockedMerge, column_ranges, run_in_memory
 from mergescale.methods.linear import ZERO_SUM
 from mergescale.methods.sparsify import RANDOM, Sparsification, Sparsifier, check_della_range, sparsifier
 
@@ -252,27 +252,9 @@ class TaskVectorMerge(BlockedMerge):
                 else:
                     chunk.addmv_(cols.T, c)  # θ_base + Σ (λ/D)·δᵢ
 
-        ranges = _column_ranges(n, block.workers, block.offset, [c for r in self.rules for c in r.cuts()])
+        ranges = column_ranges(n, block.workers, block.offset, [c for r in self.rules for c in r.cuts()])
         block.run(lambda j: combine(*ranges[j]), len(ranges))
         return block.base  # type: ignore[return-value]
-
-
-def _column_ranges(n: int, workers: int, offset: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Split a block's n columns into up to ``workers`` ranges for concurrent combining. A split never falls
-    inside a threshold's cut chunk (global [start, end)), whose equal entries must be walked in order by one
-    thread."""
-    if workers <= 1 or n < 2 * (1 << 16):
-        return [(0, n)]
-    points = [0]
-    for j in range(1, workers):
-        p = n * j // workers
-        for start, end in sorted(cuts):
-            if start < offset + p < end:
-                p = end - offset
-        if points[-1] < p < n:
-            points.append(p)
-    points.append(n)
-    return list(zip(points[:-1], points[1:], strict=True))
 
 
 # Columns per chunk of step (2): k rows of float32 plus a few temporaries within ~8 MiB, i.e. in L2/L3 cache.
