@@ -107,7 +107,7 @@ class KarcherMerge(BlockedMerge):
         self.sums = GridSum(meta.numel, gram_sum, width=self.n * (self.n + 1) // 2)
         self.coefficients: list[float] | None = None
         # every input's grid chunk in float32 (carry, piece, the stack with the base) and float64 (gram_sum)
-        self.state_bytes = self.n * GRID * (4 + 4 + 4 + 8 + 8)
+        self.state_bytes = self.n * min(GRID, meta.numel) * (4 + 4 + 4 + 8 + 8)
 
     def statistics(self, block: Block) -> None:
         n = block.numel

@@ -85,7 +85,7 @@ class MultiSlerpMerge(BlockedMerge):
         self.sums = GridSum(meta.numel, gram_sum, width=self.k * (self.k + 1) // 2) if self.k > 1 else None
         self.coefficients: list[float] | None = None
         # every model's grid chunk in float32 (carry, piece) and float64 (gram_sum's copy, its products)
-        self.state_bytes = self.k * GRID * (4 + 4 + 8 + 8)
+        self.state_bytes = self.k * min(GRID, meta.numel) * (4 + 4 + 8 + 8)
 
     def _vectors(self, block: Block, lo: int, hi: int, scratch: torch.Tensor | None) -> torch.Tensor:
         """Every vᵢ's flat entries ``[lo, hi)`` of the block, ``(k, c)`` float32 (in place in a materialized

@@ -162,16 +162,17 @@ class NuSlerpMerge(BlockedMerge):
             self.mode = "flat"
             self.sums = GridSum(meta.numel, gram_sum, width=3)
             # both task vectors' grid chunk in float32 (carry, piece) and in float64 (gram_sum's copy, products)
-            self.state_bytes = 2 * GRID * (4 + 4 + 8 + 8)
+            self.state_bytes = 2 * min(GRID, meta.numel) * (4 + 4 + 8 + 8)
         elif bool(meta.params.get("nuslerp_row_wise", False)):
             self.mode = "cols"
             self.columns = _ColumnSums(meta.rows, self.row_numel, meta.device)
-            self.state_bytes = 3 * 8 * self.row_numel + 2 * GRID * (4 + 3 * 8 * 2)
+            # the sums, the carried rows of a group (float32) and a group's products with their halving (float64)
+            self.state_bytes = 3 * 8 * self.row_numel + 2 * min(GRID, meta.numel) * (4 + 3 * 8 * 2)
         else:
             self.mode = "rows"
             self.cols = int(shape[-1])
             # a piece's float64 products (3) and the halving's first half
-            self.state_bytes = _PIECE * (3 * 8 + 3 * 4) * 2
+            self.state_bytes = min(_PIECE, meta.numel) * (3 * 8 + 3 * 4) * 2
         self.has_statistics = self.mode != "rows"
         self.coefficients: tuple[float, float] | None = None
         self.column_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
