@@ -15,12 +15,12 @@ mergekit 0.1.5 semantics, matched here: exactly two models besides an optional b
 (required); ``nuslerp_flatten`` (default true) and ``nuslerp_row_wise`` (default false) global. The interpolation
 uses the raw vectors; only the angle uses normalised ones (so the result is not renormalised).
 
-Every angle comes from float64 sums ‖v₀‖², ⟨v₀, v₁⟩, ‖v₁‖² taken in an order set by the tensor alone (cos Ω then rounded to float32, as mergekit's computation has it: see
-:func:`nuslerp_coefficients`): over the fixed
-grid of the flattened tensor (:class:`~mergescale.methods.blocked.GridSum`), row by row along the last dimension
-(pairwise halving), or column by column over fixed groups of rows; so the engine runs the merge over row blocks
-of a large tensor (a statistics pass where the vectors cross blocks, then the apply pass) with the whole-tensor
-result bit for bit.
+Every angle comes from float64 sums ‖v₀‖², ⟨v₀, v₁⟩, ‖v₁‖² taken in an order set by the tensor alone: over the
+fixed grid of the flattened tensor (:class:`~mergescale.methods.blocked.GridSum`), row by row along the last
+dimension (pairwise halving), or column by column over fixed groups of rows; so the engine runs the merge over
+row blocks of a large tensor (a statistics pass where the vectors cross blocks, then the apply pass) with the
+whole-tensor result bit for bit. The (anti)parallel test takes cos Ω at float32 precision, as mergekit's
+computation has it (:func:`nuslerp_coefficients`).
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ def _to_float32(x: float) -> float:
 def nuslerp_coefficients(t: float, s00: float, s01: float, s11: float) -> tuple[float, float]:
     """(c₀, c₁) with nuslerp(t, v₀, v₁) = c₀v₀ + c₁v₁, from ‖v₀‖², ⟨v₀, v₁⟩ and ‖v₁‖².
 
-    cos Ω is rounded to float32, the precision of mergekit's computation, before the (anti)parallel test
-    (1 − cos²Ω ≤ 10⁻¹⁶: |cos Ω| = 1 in float32): exact float64 sums would put vectors (anti)parallel up to
-    the inputs' float32 rounding (τ and −τ computed from θ_base ± τ) just off ±1, into the spherical branch, where
-    1/sin Ω ≈ 10⁸ magnifies that rounding; mergekit lerps them."""
+    The (anti)parallel test (1 − cos²Ω ≤ 10⁻¹⁶) takes cos Ω rounded to float32, the precision of mergekit's
+    computation (so it means |cos Ω| = 1 in float32); the angle takes the float64 cos Ω. Exact float64 sums
+    alone would put vectors (anti)parallel up to the inputs' float32 rounding (τ and −τ computed from θ_base ± τ)
+    just off ±1, into the spherical branch, where 1/sin Ω ≈ 10⁸ magnifies that rounding."""
     n0 = max(math.sqrt(max(s00, 0.0)), NORM_EPS)
     n1 = max(math.sqrt(max(s11, 0.0)), NORM_EPS)
-    cos = min(1.0, max(-1.0, _to_float32(s01 / (n0 * n1))))
-    if 1 - cos * cos <= COLINEAR_EPS**2:
+    cos = min(1.0, max(-1.0, s01 / (n0 * n1)))
+    c32 = min(1.0, max(-1.0, _to_float32(cos)))
+    if 1 - c32 * c32 <= COLINEAR_EPS**2:
         return 1 - t, t
     theta = math.acos(cos)
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
@@ -71,8 +72,9 @@ def nuslerp_coefficient_tensors(t: float, sums: torch.Tensor) -> tuple[torch.Ten
     float32 each."""
     n0 = sums[0].clamp(min=0).sqrt().clamp(min=NORM_EPS)
     n1 = sums[2].clamp(min=0).sqrt().clamp(min=NORM_EPS)
-    cos = (sums[1] / (n0 * n1)).to(torch.float32).to(torch.float64).clamp(-1.0, 1.0)  # at float32 precision
-    colinear = (1 - cos.square()) <= COLINEAR_EPS**2
+    cos = (sums[1] / (n0 * n1)).clamp(-1.0, 1.0)
+    c32 = cos.to(torch.float32).to(torch.float64).clamp(-1.0, 1.0)  # at float32 precision: the colinear test
+    colinear = (1 - c32.square()) <= COLINEAR_EPS**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
     c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin)
