@@ -13,6 +13,13 @@ Goddard 2025, "Multi-SLERP", https://goddard.blog/posts/multislerp-wow-what-a-co
 
 mergekit 0.1.5 semantics (``merge_methods/multislerp.py``), matched here: base optional (the origin of the
 sphere, not merged); ``weight`` per model (required), ``normalize_weights`` (true) and ``eps`` (10⁻⁸) global.
+
+Every vector above is a combination Σ cᵢvᵢ of the inputs, so everything follows from their Gram matrix
+⟨vᵢ, vⱼ⟩, summed in float64 over a fixed grid of the flattened tensor
+(:class:`~mergescale.methods.blocked.GridSum`): ‖Σ wᵢuᵢ‖² and ‖τ‖² are quadratic forms in it, ⟨uᵢ, m⟩ a product
+with it, and θ one pass Σ cᵢvᵢ (+ θ_base). So the engine runs the merge over row blocks of a large tensor (a
+statistics pass, then the apply pass) with the whole-tensor result bit for bit. (τ is zero in exact arithmetic:
+mergekit's float32 gets rounding noise there, of relative size 10⁻⁷; the Gram form gets 10⁻¹⁶.)
 """
 
 from __future__ import annotations
@@ -23,50 +30,126 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
+from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+
+_CHUNK_BYTES = 8 << 20  # bytes per piece of the apply pass on the CPU: k float32 pieces stay in cache
 
 
 def multislerp(inputs: MethodInputs) -> torch.Tensor:
-    """Multi-SLERP of the k models (around the base when given), in float32."""
-    k = inputs.k
-    if k == 1:
+    """Multi-SLERP of the k models (around the base when given), in float32: :class:`MultiSlerpMerge` on the
+    whole tensor as one block (the engine may run it over smaller blocks, with the same result)."""
+    if inputs.k == 1:
         return inputs.tensors[0].to(torch.float32)
-    eps = float(inputs.params.get("eps", 1e-8))
-    shape = inputs.tensors.shape[1:]
-    stack = inputs.tensors.to(torch.float32).reshape(k, -1)  # (k, n) engine-owned
-    base = inputs.base.to(torch.float32).reshape(-1) if inputs.base is not None else None
-    if base is not None:
-        stack.sub_(base)
-    weights = torch.tensor([float(p["weight"]) for p in inputs.model_params], dtype=torch.float32)  # (k,)
-    if bool(inputs.params.get("normalize_weights", True)):
-        weights = weights / weights.sum()
-    w = weights.to(stack.device)  # (k,)
-    norms = torch.linalg.vector_norm(stack, dim=-1)  # (k,) nᵢ
-    scaled = w / (norms + eps)  # (k,) the weight of each raw row in Σ wᵢuᵢ
-    mean = torch.mv(stack.T, scaled)  # (n,) Σ wᵢuᵢ, one pass
-    mean_norm = torch.linalg.vector_norm(mean)
+    return run_in_memory(MultiSlerpMerge(TensorMeta.of(inputs)), inputs)
+
+
+def multislerp_coefficients(name: str, weights: list[float], gram: torch.Tensor, eps: float) -> list[float]:
+    """(c₁ … c_k) with θ − θ_base = Σ cᵢvᵢ, from the weights and the ``(k, k)`` float64 Gram matrix of the vᵢ.
+
+    With sᵢ = wᵢ/(nᵢ + ε): Σ wᵢuᵢ = Σ sᵢvᵢ, ‖Σ sᵢvᵢ‖² = sᵀGs, ⟨uᵢ, m⟩ = (Gs)ᵢ/(‖Σ sᵢvᵢ‖·(nᵢ + ε)), and
+    τ = (1 − Σ wᵢ⟨uᵢ, m⟩/‖Σ sᵢvᵢ‖)·Σ sᵢvᵢ."""
+    k = len(weights)
+    w = torch.tensor(weights, dtype=torch.float64)  # (k,)
+    norms = gram.diagonal().clamp(min=0).sqrt()  # (k,) nᵢ
+    scaled = w / (norms + eps)  # (k,) sᵢ
+    mean_norm = math.sqrt(max(float(scaled @ gram @ scaled), 0.0))  # ‖Σ wᵢuᵢ‖
     if mean_norm < eps:
         if k == 2:
-            res = stack[0] * w[0] + stack[1] * w[1]
-            return (res + base if base is not None else res).view(shape)
+            return weights  # w₀v₀ + w₁v₁
         raise ConfigError(
-            f"multislerp: tensor {inputs.name!r}: the weighted mean direction of the models is zero "
+            f"multislerp: tensor {name!r}: the weighted mean direction of the models is zero "
             "(antipodal models with balancing weights); change the weights"
         )
-    mean.div_(mean_norm)  # m
-    dots = torch.mv(stack, mean) / (norms + eps)  # (k,) ⟨uᵢ, m⟩
-    # τ = Σ wᵢ(uᵢ − ⟨uᵢ, m⟩m) = Σ wᵢuᵢ − (Σ wᵢ⟨uᵢ, m⟩)·m (zero up to rounding, as in mergekit)
-    tangent = torch.mv(stack.T, scaled).sub_(mean, alpha=float((w * dots).sum()))
-    t_norm = float(torch.linalg.vector_norm(tangent)) + eps
-    result = mean.mul_(math.cos(t_norm)).add_(tangent, alpha=math.sin(t_norm) / t_norm)
-    result.mul_(float((norms * w).sum()))
-    if base is not None:
-        result.add_(base)
-    return result.view(shape)
+    dots = (gram @ scaled) / mean_norm / (norms + eps)  # (k,) ⟨uᵢ, m⟩
+    tangent = scaled * (1.0 - float((w * dots).sum()) / mean_norm)  # (k,) τ's coefficients
+    t_norm = math.sqrt(max(float(tangent @ gram @ tangent), 0.0)) + eps
+    coefs = scaled * (math.cos(t_norm) / mean_norm) + tangent * (math.sin(t_norm) / t_norm)
+    return (coefs * float((norms * w).sum())).tolist()
+
+
+class MultiSlerpMerge(BlockedMerge):
+    """Multi-SLERP over row blocks: a statistics pass sums the Gram matrix of the vᵢ (θᵢ − θ_base, or θᵢ) over
+    the fixed grid (float64, :func:`~mergescale.methods.blocked.gram_sum`; it leaves the vᵢ in place when the
+    tensor is one block), then the apply pass writes Σ cᵢvᵢ (+ θ_base) (:func:`multislerp_coefficients`). One
+    model: that model, no statistics."""
+
+    def __init__(self, meta: TensorMeta) -> None:
+        self.k = meta.k
+        self.name = meta.name
+        self.eps = float(meta.params.get("eps", 1e-8))
+        weights = torch.tensor([float(p["weight"]) for p in meta.model_params], dtype=torch.float32)  # (k,)
+        if bool(meta.params.get("normalize_weights", True)):
+            weights = weights / weights.sum()
+        self.weights = [float(x) for x in weights.tolist()]
+        self.has_statistics = self.k > 1
+        self.sums = GridSum(meta.numel, gram_sum, width=self.k * (self.k + 1) // 2) if self.k > 1 else None
+        self.coefficients: list[float] | None = None
+        # every model's grid chunk in float32 (carry, piece) and float64 (gram_sum's copy, its products)
+        self.state_bytes = self.k * min(GRID, meta.numel) * (4 + 4 + 8 + 8)
+
+    def _vectors(self, block: Block, lo: int, hi: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        """Every vᵢ's flat entries ``[lo, hi)`` of the block, ``(k, c)`` float32 (in place in a materialized
+        block: a later pass on the same block finds them there, ``fresh`` False)."""
+        v = block.chunk(lo, hi, scratch)
+        if block.base is not None and block.fresh:
+            v.sub_(block.flat_base()[lo:hi])
+        return v
+
+    def statistics(self, block: Block) -> None:
+        assert self.sums is not None
+        n = block.numel
+        scratch = None if block.materialized else torch.empty((self.k, min(GRID, n)), device=block.device)
+        pos = 0
+        while pos < n:
+            g = block.offset + pos
+            end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
+            self.sums.feed(self._vectors(block, pos, end, scratch), g)
+            pos = end
+
+    def end_pass(self) -> bool:
+        assert self.sums is not None
+        k = self.k
+        gram = torch.empty((k, k), dtype=torch.float64)
+        values = iter(self.sums.values)
+        for i in range(k):
+            for j in range(i, k):
+                gram[i, j] = gram[j, i] = next(values)
+        self.coefficients = multislerp_coefficients(self.name, self.weights, gram, self.eps)
+        return False
+
+    def apply(self, block: Block) -> torch.Tensor:
+        n = block.numel
+        if self.k == 1:
+            return block.model(0)  # the model as is (the base is only the sphere's origin)
+        assert self.coefficients is not None, "statistics pass first"
+        base = block.flat_base() if block.base is not None else None  # (n,) overwritten by the result
+        step = n if block.device.type != "cpu" else max(1 << 12, _CHUNK_BYTES // (4 * (self.k + 1)))
+        scratch = None if block.materialized else torch.empty((self.k, min(step, n)), device=block.device)
+        out = None if base is not None or block.materialized else torch.empty(n, device=block.device)
+        c = self.coefficients
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            v = self._vectors(block, s, e, scratch)  # (k, c), scaled in place below
+            acc = v[0].mul_(c[0])
+            for i in range(1, self.k):
+                acc.add_(v[i].mul_(c[i]))  # Σ cᵢvᵢ in model order
+            if base is not None:
+                base[s:e].add_(acc)
+            elif out is not None:
+                out[s:e].copy_(acc)
+        if base is not None:
+            return block.base  # type: ignore[return-value]
+        return out if out is not None else block.tensors[0]  # type: ignore[index]
+
+
+def blocked_multislerp(meta: TensorMeta) -> MultiSlerpMerge | None:
+    return MultiSlerpMerge(meta) if meta.k >= 1 else None
 
 
 METHOD = MergeMethod(
     name="multislerp",
     fn=multislerp,
+    blocked=blocked_multislerp,
     base="optional",
     model_params=(ParamSpec("weight", float, doc="the model's weight in the barycentre"),),
     global_params=(
