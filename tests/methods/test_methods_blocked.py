@@ -108,6 +108,7 @@ def test_the_methods_that_declare_a_blocked_form():
     assert {name for name in METHODS.names() if METHODS.get(name).blocked is not None} == {
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
         "della_linear", "ram", "ramplus_tl", "nearswap", "model_stock", "slerp", "sce", "arcee_fusion",
+        "nuslerp", "multislerp", "karcher",
     }
 
 

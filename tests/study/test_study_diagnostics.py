@@ -124,8 +124,8 @@ def test_stacked_methods_that_block_cost_one_block_on_large_tensors(monkeypatch)
     from mergescale.methods import get_method
 
     numel, k = 50_000_000, 8
-    ties, sce = get_method("ties"), get_method("sce")  # sce: no blocked form
+    ties, lore = get_method("ties"), get_method("lore")  # lore: no blocked form
     assert memory.stacked_working_bytes(ties.blocked is not None, 2, 1000) == 4 * 1000 * 4  # small: whole
     blocked = memory.stacked_working_bytes(ties.blocked is not None, k, numel)
     assert blocked == memory.BLOCK_BYTES + int(0.1 * k * numel) < 4 * numel * (k + 2)
-    assert memory.stacked_working_bytes(sce.blocked is not None, k, numel) == 4 * numel * (k + 2)
+    assert memory.stacked_working_bytes(lore.blocked is not None, k, numel) == 4 * numel * (k + 2)
