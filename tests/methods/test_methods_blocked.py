@@ -17,6 +17,7 @@ from mergescale.methods.blocked import (
     block_bounds,
     gram_sum,
     run_in_memory,
+    step_ranges,
 )
 from mergescale.methods.random_masks import ByteStream, bernoulli_mask, random_bytes
 from mergescale.methods.selection import BlockThreshold, TopKApply, TopKSearch, naive_top_k_mask
@@ -330,3 +331,11 @@ def test_geometric_statistics_are_the_same_float64_sums_whatever_the_blocks(meth
         if want is None:
             want = list(merge.sums.values)
         assert merge.sums.values == want, (rows, lazy)
+
+
+@pytest.mark.parametrize("n,step,workers", [(10, 3, 2), (9, 3, 2), (1000, 7, 2), (5, 10, 2), (0, 4, 2), (100, 10, 3)])
+def test_step_ranges_cut_whole_pieces_in_order(n, step, workers):
+    ranges = step_ranges(n, step, workers)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and len(ranges) <= workers
+    assert all(a == b for (_, a), (b, _) in zip(ranges[:-1], ranges[1:]))  # contiguous, in order
+    assert all(a % step == 0 for a, _ in ranges)  # every range starts a piece of the whole

@@ -303,6 +303,16 @@ def column_ranges(n: int, workers: int, offset: int, cuts: list[tuple[int, int]]
     return list(zip(points[:-1], points[1:], strict=True))
 
 
+def step_ranges(n: int, step: int, workers: int) -> list[tuple[int, int]]:
+    """Split ``[0, n)`` into up to ``workers`` ranges of whole ``step``-entry pieces (the last piece may be short),
+    for entry-by-entry work shared between threads: each range is cut into the same pieces as the whole."""
+    pieces = -(-n // step) if n else 0
+    if workers <= 1 or pieces <= 1:
+        return [(0, n)]
+    cuts = [min(n, pieces * j // workers * step) for j in range(workers + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
 class GridSum:
     """Σ over the grid chunks of a flat tensor of ``n`` entries of ``float(fn(chunk))``, fed in pieces in order.
 

@@ -30,7 +30,16 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    Block,
+    BlockedMerge,
+    GridSum,
+    TensorMeta,
+    gram_sum,
+    run_in_memory,
+    step_ranges,
+)
 
 _CHUNK_BYTES = 8 << 20  # bytes per piece of the apply pass on the CPU: k float32 pieces stay in cache
 
@@ -124,19 +133,25 @@ class MultiSlerpMerge(BlockedMerge):
         assert self.coefficients is not None, "statistics pass first"
         base = block.flat_base() if block.base is not None else None  # (n,) overwritten by the result
         step = n if block.device.type != "cpu" else max(1 << 12, _CHUNK_BYTES // (4 * (self.k + 1)))
-        scratch = None if block.materialized else torch.empty((self.k, min(step, n)), device=block.device)
         out = None if base is not None or block.materialized else torch.empty(n, device=block.device)
         c = self.coefficients
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            v = self._vectors(block, s, e, scratch)  # (k, c), scaled in place below
-            acc = v[0].mul_(c[0])
-            for i in range(1, self.k):
-                acc.add_(v[i].mul_(c[i]))  # Σ cᵢvᵢ in model order
-            if base is not None:
-                base[s:e].add_(acc)
-            elif out is not None:
-                out[s:e].copy_(acc)
+        ranges = step_ranges(n, step, block.workers)
+
+        def part(j: int) -> None:  # entry by entry: the threads' ranges give the same result as one
+            lo, hi = ranges[j]
+            scratch = None if block.materialized else torch.empty((self.k, min(step, hi - lo)), device=block.device)
+            for s in range(lo, hi, step):
+                e = min(hi, s + step)
+                v = self._vectors(block, s, e, scratch)  # (k, c), scaled in place below
+                acc = v[0].mul_(c[0])
+                for i in range(1, self.k):
+                    acc.add_(v[i].mul_(c[i]))  # Σ cᵢvᵢ in model order
+                if base is not None:
+                    base[s:e].add_(acc)
+                elif out is not None:
+                    out[s:e].copy_(acc)
+
+        block.run(part, len(ranges))
         if base is not None:
             return block.base  # type: ignore[return-value]
         return out if out is not None else block.tensors[0]  # type: ignore[index]

@@ -32,7 +32,16 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    Block,
+    BlockedMerge,
+    GridSum,
+    TensorMeta,
+    gram_sum,
+    run_in_memory,
+    step_ranges,
+)
 from mergescale.methods.model_stock import fixed_row_sum
 
 NORM_EPS = 1e-7
@@ -229,32 +238,39 @@ class NuSlerpMerge(BlockedMerge):
         else:
             out = torch.empty(n, device=block.device)
         step = self._step(block)
-        scratch = None if block.materialized else torch.empty((2, min(step, n)), device=block.device)
-        tmp = torch.empty(min(step, n), device=block.device)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            tau = self._tau(block, s, e, scratch)  # (2, c)
-            if self.mode == "flat":
-                assert self.coefficients is not None, "statistics pass first"
-                c0, c1 = self.coefficients
-                v0, v1, t1, o = tau[0], tau[1], tmp[: e - s], out[s:e]
-            else:
-                w = self.cols if self.mode == "rows" else self.row_numel
-                m = (e - s) // w
-                v0, v1 = tau[0].view(m, w), tau[1].view(m, w)
-                t1, o = tmp[: e - s].view(m, w), out[s:e].view(m, w)
-                if self.mode == "rows":
-                    sums = fixed_row_sum(_pair_sums(v0, v1))  # (3, m)
-                    a, b = nuslerp_coefficient_tensors(self.t, sums)
-                    c0, c1 = a[:, None], b[:, None]  # type: ignore[assignment]
+        ranges = step_ranges(n, step, block.workers)
+
+        def part(j: int) -> None:  # whole vectors per piece, entry by entry: any ranges give the same result
+            lo, hi = ranges[j]
+            width = min(step, hi - lo)
+            scratch = None if block.materialized else torch.empty((2, width), device=block.device)
+            tmp = torch.empty(width, device=block.device)
+            for s in range(lo, hi, step):
+                e = min(hi, s + step)
+                tau = self._tau(block, s, e, scratch)  # (2, c)
+                if self.mode == "flat":
+                    assert self.coefficients is not None, "statistics pass first"
+                    c0, c1 = self.coefficients
+                    v0, v1, t1, o = tau[0], tau[1], tmp[: e - s], out[s:e]
                 else:
-                    assert self.column_coefficients is not None, "statistics pass first"
-                    c0, c1 = self.column_coefficients  # type: ignore[assignment]
-            torch.mul(v1, c1, out=t1)  # c₁τ₁
-            if base is not None:
-                o.add_(v0.mul_(c0).add_(t1))  # θ_base + (c₀τ₀ + c₁τ₁), τ₀'s scratch (or rows) scaled in place
-            else:
-                torch.mul(v0, c0, out=o).add_(t1)  # o may be τ₀ itself: elementwise, read before written
+                    w = self.cols if self.mode == "rows" else self.row_numel
+                    m = (e - s) // w
+                    v0, v1 = tau[0].view(m, w), tau[1].view(m, w)
+                    t1, o = tmp[: e - s].view(m, w), out[s:e].view(m, w)
+                    if self.mode == "rows":
+                        sums = fixed_row_sum(_pair_sums(v0, v1))  # (3, m)
+                        a, b = nuslerp_coefficient_tensors(self.t, sums)
+                        c0, c1 = a[:, None], b[:, None]  # type: ignore[assignment]
+                    else:
+                        assert self.column_coefficients is not None, "statistics pass first"
+                        c0, c1 = self.column_coefficients  # type: ignore[assignment]
+                torch.mul(v1, c1, out=t1)  # c₁τ₁
+                if base is not None:
+                    o.add_(v0.mul_(c0).add_(t1))  # θ_base + (c₀τ₀ + c₁τ₁), τ₀'s scratch (or rows) scaled in place
+                else:
+                    torch.mul(v0, c0, out=o).add_(t1)  # o may be τ₀ itself: elementwise, read before written
+
+        block.run(part, len(ranges))
         if base is not None:
             return block.base  # type: ignore[return-value]
         return out
