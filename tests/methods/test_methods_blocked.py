@@ -337,5 +337,5 @@ def test_geometric_statistics_are_the_same_float64_sums_whatever_the_blocks(meth
 def test_step_ranges_cut_whole_pieces_in_order(n, step, workers):
     ranges = step_ranges(n, step, workers)
     assert ranges[0][0] == 0 and ranges[-1][1] == n and len(ranges) <= workers
-    assert all(a == b for (_, a), (b, _) in zip(ranges[:-1], ranges[1:]))  # contiguous, in order
+    assert all(a == b for (_, a), (b, _) in zip(ranges[:-1], ranges[1:], strict=True))  # contiguous, in order
     assert all(a % step == 0 for a, _ in ranges)  # every range starts a piece of the whole
