@@ -249,7 +249,6 @@ class _Dare(Sparsifier):
             return super().statistics(block, i)
         n = block.numel
         base = block.flat_base()
-        first = self.stream.take(n).to(block.device)  # (n,) uint8, this block's first bytes
         digit = self.draw.digit
         step = min(SWEEP_CHUNK, n)
         scratch = None if block.materialized else torch.empty(step, device=block.device)
@@ -265,7 +264,9 @@ class _Dare(Sparsifier):
             xc.sub_(base[lo:hi])  # τ
             if self.l1:
                 self.before.feed(xc, g)
-            bc = first[lo:hi]
+            # (c,) uint8, the piece's first bytes: taken piece by piece, so only a piece's bytes are held (the
+            # stream gives the same bytes however they are cut)
+            bc = self.stream.take(c).to(block.device)
             torch.eq(bc, digit, out=flags[:c])
             tied = nonzero_bytes(flags, c)  # (u,) undecided after the first byte
             if tied.numel():
