@@ -183,12 +183,29 @@ def test_grid_sums_do_not_depend_on_the_pieces():
         assert sums.value == want, piece
 
 
-def test_random_bytes_taken_in_pieces_are_the_same_draw():
-    """DARE's mask is keyed by position: the block size cannot change which entries are dropped."""
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "into-a-buffer"])
+def test_random_bytes_taken_in_pieces_are_the_same_draw(reuse):
+    """DARE's mask is keyed by position: the block size cannot change which entries are dropped (nor drawing
+    into a reused buffer, whose earlier bytes are overwritten: each piece is copied out before the next)."""
     whole = random_bytes(1001, torch.Generator().manual_seed(5))
     stream = ByteStream(torch.Generator().manual_seed(5))
-    pieces = torch.cat([stream.take(n) for n in (1, 8, 16, 7, 500, 469)])
+    buffer = torch.full((64,), -1, dtype=torch.int64) if reuse else None
+    pieces = torch.cat([stream.take(n, buffer).clone() for n in (1, 8, 16, 7, 500, 469)])
     assert torch.equal(whole, pieces)
+
+
+def test_dare_appends_its_undecided_entries_in_order_past_its_first_capacity():
+    from mergescale.methods.sparsify import _Appender
+
+    appender = _Appender(3)
+    pos = [torch.arange(s, s + m) for s, m in ((0, 2), (5, 4), (20, 1), (30, 9))]
+    val = [p.float() * 0.5 for p in pos]
+    for p, v in zip(pos, val, strict=True):
+        appender.append(p, v)
+    assert len(appender) == 16
+    got_pos, got_val = appender.take()
+    assert torch.equal(got_pos, torch.cat(pos)) and torch.equal(got_val, torch.cat(val))
+    assert len(appender) == 0
 
 
 def test_dare_drops_the_entries_the_whole_tensor_mask_drops():

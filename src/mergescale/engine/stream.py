@@ -37,7 +37,7 @@ from mergescale.engine.blocks import run_blocked, runner
 from mergescale.engine.buffers import BufferPool, empty_tensor
 from mergescale.engine.finite import raise_if_nonfinite
 from mergescale.engine.linear_outputs import LinearFolder
-from mergescale.engine.memory import MemoryPlan, PeakRss, ProductMemory, plan_memory
+from mergescale.engine.memory import MemoryPlan, PeakRss, ProductMemory, blocked_merge, plan_memory
 from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, TensorRead
 from mergescale.engine.progress import MergeProgress
 from mergescale.engine.threads import ByteBudget, abort_run, finish_run
@@ -486,8 +486,13 @@ def _finish_blocked(
         read = job.reads[reads[i]]
         raise_if_nonfinite(plan.labels[read.source], read.name, rows)
 
+    # a fresh merge, dropped with this call: what it keeps across blocks (selection candidates and samples,
+    # DARE's packed verdicts: up to n/8 bytes per model) must not outlive the tensor, and the plan's own merge
+    # (it sized the blocks) stays unused, so a memory plan can be run again
+    merge = blocked_merge(st.spec, p, device)
+    assert merge is not None
     return run_blocked(
-        pm.merge,
+        merge,
         pm.rows_per_block,
         [held.tensors[r] for r in p.models],
         held.tensors[p.base] if p.base is not None else None,

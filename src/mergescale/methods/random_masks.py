@@ -36,16 +36,21 @@ class ByteStream:
         self.generator = generator
         self._left = torch.empty(0, dtype=torch.uint8)  # bytes of the last word drawn, not yet taken
 
-    def take(self, n: int) -> torch.Tensor:
-        """(n,) uint8, the stream's next n bytes."""
+    def take(self, n: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """(n,) uint8, the stream's next n bytes. With ``buffer`` (a CPU int64 tensor of at least ⌈n/8⌉
+        entries, reused from call to call) the draw lands in it instead of fresh memory: what was returned
+        before is then overwritten."""
         if n <= self._left.numel():
             out, self._left = self._left[:n], self._left[n:]
             return out
-        need = n - self._left.numel()
-        words = torch.empty((need + 7) // 8, dtype=torch.int64).random_(-(1 << 63), None, generator=self.generator)
+        left = self._left.clone() if buffer is not None else self._left  # the buffer is drawn over below
+        need = n - left.numel()
+        m = (need + 7) // 8
+        words = torch.empty(m, dtype=torch.int64) if buffer is None else buffer[:m]
+        words.random_(-(1 << 63), None, generator=self.generator)
         fresh = words.view(torch.uint8)
-        out = torch.cat([self._left, fresh[:need]]) if self._left.numel() else fresh[:need]
-        self._left = fresh[need:]
+        out = torch.cat([left, fresh[:need]]) if left.numel() else fresh[:need]
+        self._left = fresh[need:].clone() if buffer is not None else fresh[need:]
         return out
 
 
@@ -117,13 +122,16 @@ _SPREAD = 0x0101010101010101  # p·_SPREAD copies a byte p into all 8 bytes of a
 _PICK = -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as int64: byte j keeps bit j
 
 
-def pack_bits(flags: torch.Tensor) -> torch.Tensor:
-    """(c,) uint8 0/1 flags -> (⌈c/8⌉,) uint8, flag j of each group of 8 at bit j (one multiply per 8 flags)."""
+def pack_bits(flags: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """(c,) uint8 0/1 flags -> (⌈c/8⌉,) uint8, flag j of each group of 8 at bit j (one multiply per 8 flags);
+    into ``out`` when given, using the int64 ``scratch`` (⌈c/8⌉ entries at least) for the words."""
     c = flags.numel()
     if c % 8:
         flags = torch.cat([flags, flags.new_zeros(8 - c % 8)])
     words = flags.view(torch.int64)  # (c/8,) little endian: flag j in byte j
-    return words.mul(_PACK).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+    packed = torch.mul(words, _PACK, out=scratch[: words.numel()] if scratch is not None else None)
+    packed.bitwise_right_shift_(56).bitwise_and_(0xFF)  # (c/8,) each in [0, 255]: the cast below is exact
+    return out.copy_(packed) if out is not None else packed.to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, c: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.blocked import Block, GridSum, abs_sum
+from mergescale.methods.blocked import AbsSum, Block, GridSum
 from mergescale.methods.random_masks import ByteStream, LazyBernoulli, pack_bits, uniform, unpack_bits
 from mergescale.methods.selection import (
     SWEEP_CHUNK,
@@ -236,10 +236,11 @@ class _Dare(Sparsifier):
         self.draw = LazyBernoulli(n, density, generator, draw=False)
         self.stream = ByteStream(generator)
         self.bits: torch.Tensor | None = None  # (⌈n/8⌉,) uint8: the first byte's keep verdicts, packed
-        self.before = GridSum(n, abs_sum)
-        self.after = GridSum(n, abs_sum)
-        self.tied_pos: list[torch.Tensor] = []
-        self.tied_val: list[torch.Tensor] = []
+        self.before = GridSum(n, AbsSum())
+        self.after = GridSum(n, AbsSum())
+        # the undecided entries (~1/256 of them): their positions and τ, appended piece by piece into buffers
+        # that grow by doubling (small tensors kept per piece among the pieces' temporaries fragmented the heap)
+        self.tied = _Appender(n // 200 + 1024)
         self.kept_pos = torch.empty(0, dtype=torch.int64)
         self.kept_val = torch.empty(0)
         self.done = False
@@ -253,6 +254,7 @@ class _Dare(Sparsifier):
         step = min(SWEEP_CHUNK, n)
         scratch = None if block.materialized else torch.empty(step, device=block.device)
         keep = torch.empty(step, dtype=torch.uint8, device=block.device)  # (step,) 1 keep / 0 drop
+        words = torch.empty((step + 7) // 8, dtype=torch.int64)  # (step/8,) random draws, then packed verdicts
         flags = torch.empty(round8(step), dtype=torch.uint8, device=block.device)  # (step,) 1 where undecided
         whole = block.materialized and block.offset == 0 and n == self.n  # τ' stays in place for the apply
         if self.bits is None and not whole:
@@ -266,16 +268,16 @@ class _Dare(Sparsifier):
                 self.before.feed(xc, g)
             # (c,) uint8, the piece's first bytes: taken piece by piece, so only a piece's bytes are held (the
             # stream gives the same bytes however they are cut)
-            bc = self.stream.take(c).to(block.device)
+            bc = self.stream.take(c, words).to(block.device)
             torch.eq(bc, digit, out=flags[:c])
             tied = nonzero_bytes(flags, c)  # (u,) undecided after the first byte
             if tied.numel():
-                self.tied_val.append(xc[tied])
-                self.tied_pos.append(tied.add_(g))
+                values = xc[tied]  # (u,) τ there, before the piece is masked below
+                self.tied.append(tied.add_(g), values)
             torch.lt(bc, digit, out=keep[:c])
             xc.mul_(keep[:c])
             if self.bits is not None:
-                self.bits[g // 8 : (g + c + 7) // 8] = pack_bits(keep[:c])
+                pack_bits(keep[:c], out=self.bits[g // 8 : (g + c + 7) // 8], scratch=words)
             if self.l1:
                 self.after.feed(xc, g)
 
@@ -284,13 +286,12 @@ class _Dare(Sparsifier):
             return False
         self.done = True
         after = self.after.value
-        if self.tied_pos:
-            pos, val = torch.cat(self.tied_pos), torch.cat(self.tied_val)  # (u,) ascending positions
+        if len(self.tied):
+            pos, val = self.tied.take()  # (u,) ascending positions, their τ
             kept = self.draw.resolve(pos.cpu()).to(pos.device)
             self.kept_pos, self.kept_val = pos[kept], val[kept]
             if self.l1:
                 after += float(self.kept_val.abs().sum())
-        self.tied_pos, self.tied_val = [], []
         if self.rescale:
             self.scale = 1.0 / self.density if self.by_density else _l1_factor(self.before.value, after)
         return False
@@ -306,6 +307,41 @@ class _Dare(Sparsifier):
         lo, hi = torch.searchsorted(self.kept_pos, bounds).tolist()
         if hi > lo:
             xc[self.kept_pos[lo:hi] - start] = self.kept_val[lo:hi].to(xc.device)
+
+
+class _Appender:
+    """Positions (int64) and values (float32) appended in order into buffers that grow by doubling."""
+
+    def __init__(self, capacity: int) -> None:
+        self.pos: torch.Tensor | None = None
+        self.val: torch.Tensor | None = None
+        self.capacity, self.size = capacity, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, pos: torch.Tensor, val: torch.Tensor) -> None:
+        need = self.size + pos.numel()
+        if self.pos is None or need > self.pos.numel():
+            cap = max(need, self.capacity if self.pos is None else 2 * self.pos.numel())
+            grown_pos = torch.empty(cap, dtype=torch.int64, device=pos.device)
+            grown_val = torch.empty(cap, dtype=val.dtype, device=val.device)
+            if self.pos is not None and self.val is not None:
+                grown_pos[: self.size] = self.pos[: self.size]
+                grown_val[: self.size] = self.val[: self.size]
+            self.pos, self.val = grown_pos, grown_val
+        assert self.val is not None
+        self.pos[self.size : need] = pos
+        self.val[self.size : need] = val
+        self.size = need
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything appended (copies of the right size), and the buffers let go."""
+        assert self.pos is not None and self.val is not None
+        out = self.pos[: self.size].clone(), self.val[: self.size].clone()
+        self.pos = self.val = None
+        self.size = 0
+        return out
 
 
 class _Della(Sparsifier):
@@ -324,8 +360,8 @@ class _Della(Sparsifier):
         self.state = generator.get_state()
         self.replay: torch.Generator | None = None
         n = math.prod(shape)
-        self.before = GridSum(n, abs_sum)
-        self.after = GridSum(n, abs_sum)
+        self.before = GridSum(n, AbsSum())
+        self.after = GridSum(n, AbsSum())
         self.done = False
 
     def _mask_(self, tau: torch.Tensor, generator: torch.Generator) -> None:
