@@ -14,6 +14,14 @@ from mergescale.errors import NonFiniteError
 from mergescale.io.writer import MemorySink
 
 
+@pytest.fixture(autouse=True)
+def _whole_stacks_unless_forced(monkeypatch):
+    """These tests compare blocked runs with whole-stack runs: stacks are whole here unless a test forces blocks
+    (by default every product that can block does, :data:`mergescale.engine.memory.WHOLE_BYTES`)."""
+    monkeypatch.setattr(memory, "WHOLE_BYTES", 1 << 62)
+
+
+
 def _config(method: str, models, base=None, model_params=None, **params):
     c = {
         "merge_method": method,

@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import mergescale.engine.memory as memory
 from mergescale.api import plan_memory
 from mergescale.engine.memory import MemoryBudgetError
 from mergescale.io.checkpoint import SafetensorsCheckpoint
@@ -78,7 +79,7 @@ def no_weights_read(monkeypatch):
     monkeypatch.setattr(SafetensorsCheckpoint, "map", refuse)
 
 
-def test_plan_of_eight_70b_experts_fits_the_budget_from_headers_only(llama3_70b_ties, no_weights_read):
+def test_plan_of_eight_70b_experts_fits_the_budget_from_headers_only(llama3_70b_ties, no_weights_read, monkeypatch):
     planned = plan_memory(llama3_70b_ties, max_memory="24GB")
     assert planned.peak <= 24e9
     embed = 2 * VOCAB * HIDDEN  # the bf16 embedding: its output and one more waiting for the writer
@@ -86,10 +87,15 @@ def test_plan_of_eight_70b_experts_fits_the_budget_from_headers_only(llama3_70b_
     assert planned.blocked >= 2  # the embedding and the head at least: their stacks alone are 38 GB
     text = "\n".join(planned.describe())
     assert "model.embed_tokens.weight:" in text and "blocks of" in text
-    # without a budget, stacks over 1 GiB are blocked: the peak stays far below the 38 GB stack
+    # without a budget every product that can block does (WHOLE_BYTES is 0): the peak stays far below the
+    # 38 GB stack, and a roomier budget changes nothing but the size of the blocks
+    assert memory.WHOLE_BYTES == 0
     default = plan_memory(llama3_70b_ties)
-    assert default.peak < 12e9
-    # with room for whole stacks, the plan uses it (no blocks) and says how much that is
+    assert default.peak < 12e9 and default.blocked == planned.blocked
+    roomy = plan_memory(llama3_70b_ties, max_memory="64GB")
+    assert roomy.blocked == planned.blocked and roomy.peak <= 64e9
+    # where whole stacks are allowed (WHOLE_BYTES), a budget with room for them uses it
+    monkeypatch.setattr(memory, "WHOLE_BYTES", 1 << 62)
     roomy = plan_memory(llama3_70b_ties, max_memory="64GB")
     assert roomy.blocked < planned.blocked and roomy.peak <= 64e9
 

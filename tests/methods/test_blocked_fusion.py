@@ -21,6 +21,14 @@ from mergescale.methods.blocked import run_in_memory
 from mergescale.methods.selection import naive_top_k_mask
 
 
+@pytest.fixture(autouse=True)
+def _whole_stacks_unless_forced(monkeypatch):
+    """These tests compare blocked runs with whole-stack runs: stacks are whole here unless a test forces blocks
+    (by default every product that can block does, :data:`mergescale.engine.memory.WHOLE_BYTES`)."""
+    monkeypatch.setattr(memory, "WHOLE_BYTES", 1 << 62)
+
+
+
 def _inputs(k: int, shape: tuple[int, ...], seed: int, *, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16-valued inputs (many equal variances and scores, as real ones have), or small integers (``ties``:
     most of them tie at every threshold)."""

@@ -6,9 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mergescale.engine.memory as memory
 from mergescale.methods import get_method
 from mergescale.methods.base import MethodInputs
 from mergescale.methods.blocked import GRID, TensorMeta, run_in_memory
+
+
+@pytest.fixture(autouse=True)
+def _whole_stacks_unless_forced(monkeypatch):
+    """These tests compare blocked runs with whole-stack runs: stacks are whole here unless a test forces blocks
+    (by default every product that can block does, :data:`mergescale.engine.memory.WHOLE_BYTES`)."""
+    monkeypatch.setattr(memory, "WHOLE_BYTES", 1 << 62)
+
 
 
 def _inputs(k: int, shape: tuple[int, ...], seed: int, noise: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ def merge_command(
     max_memory: str = typer.Option(
         None, "--max-memory", metavar="SIZE",
         help="Peak memory budget, e.g. 16GB: large tensors of stacked methods (TIES, DARE, ...) are merged over "
-             "row blocks that fit. Default: stacks over 1 GiB are blocked.",
+             "row blocks that fit. Default: blocks of at most 256 MiB.",
     ),  # fmt: skip
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Only print the memory the merge will need (reads headers only; writes nothing)."

@@ -14,10 +14,12 @@ and from that the peak memory of the run (:attr:`MemoryPlan.peak`): this process
 outputs in their dtype, the results still waiting for the writer, the inputs read ahead, and the working
 memory of its products (stacks, partial sums, one block of a blocked product).
 
-A stacked product is blocked when its whole stack does not fit: within ``max_memory`` when one is given,
-else within :data:`WHOLE_BYTES`. Blocks are as many rows as fit in :data:`BLOCK_BYTES` (less when the budget
-leaves less); a budget that cannot hold one block of some tensor besides the rest of its job is refused with
-:class:`MemoryBudgetError`, before anything is read.
+A stacked product whose method can block runs over row blocks of its mapped inputs (unless its stack fits in
+:data:`WHOLE_BYTES`, 0 by default: reading the rows as stored and converting them piece by piece on every thread
+was measured faster, and leaner, than stacking every input in float32 even where the stack fits); the rest are
+stacked whole, within ``max_memory`` when one is given. Blocks are as many rows as fit in :data:`BLOCK_BYTES`
+(less when the budget leaves less); a budget that cannot hold one block of some tensor besides the rest of its
+job is refused with :class:`MemoryBudgetError`, before anything is read.
 
 :class:`PeakRss` measures the run's peak resident set size (mapped input pages count, as in ``getrusage``).
 """
@@ -36,8 +38,12 @@ from mergescale.engine.plan import MergePlan, OutputSpec, Product, TensorJob, te
 from mergescale.errors import ConfigError
 from mergescale.methods.blocked import BlockedMerge, block_bounds
 
-WHOLE_BYTES = 1 << 30
-"""Without a budget, a stacked product whose stack (and base) fit in this many bytes runs on the whole tensor."""
+WHOLE_BYTES = 0
+"""A blockable stacked product whose stack (and base) fit in this many bytes, and in the budget, runs on the whole
+stack instead of over blocks. 0: every product that can block does. On the 128k-vocabulary slice of
+``benchmarks/merge_speed.py --slice`` (TIES of 8 experts, whole process, this 2-core machine, two runs each),
+blocking the layers' tensors too instead of stacking those under 1 GiB: 25.0 / 28.2 s against 27.4 / 29.8 s,
+peak RSS 1.78-1.82 GB against 2.15 GB."""
 BLOCK_BYTES = 256 << 20
 """Largest working memory of one block of a blocked product (:func:`block_row_bytes`: on the CPU the populated
 pages of every input's rows, the base's rows in float32 and the method's temporaries)."""
@@ -170,9 +176,9 @@ def whole_bytes(product: Product) -> int:
 def stacked_working_bytes(blockable: bool, k: int, numel: int) -> int:
     """Working memory of a stacked method on a tensor of ``numel`` entries with ``k`` models and a base, with
     the engine's defaults (no ``max_memory``), when the shape is not known: its whole stack (k + 2 float32
-    tensors: the models, the base, the result) when that fits :data:`WHOLE_BYTES` or it cannot block; else one
-    block and what the method keeps across blocks (at most 4 bytes for 2.5 % of each model's entries: the
-    selection's candidates; DARE keeps less)."""
+    tensors: the models, the base, the result) when it cannot block (or the stack fits :data:`WHOLE_BYTES`);
+    else the smaller of that and one block with what the method keeps across blocks (at most 4 bytes for 2.5 %
+    of each model's entries: the selection's candidates; DARE keeps less)."""
     whole = 4 * numel * (k + 2)
     if not blockable or 4 * numel * (k + 1) <= WHOLE_BYTES:
         return whole
@@ -252,10 +258,10 @@ def _plan_job(
         return fixed + whole + block
 
     limit = None if max_memory is None else max_memory - baseline
-    # the largest stacks first: block them until the job fits (without a budget: every stack over WHOLE_BYTES)
+    # the largest stacks first: block them unless the stack fits WHOLE_BYTES (and the budget, given one)
     for i, merge in sorted(blocked, key=lambda item: -products[item[0]].work):
         pm = products[i]
-        fits = pm.work <= WHOLE_BYTES if limit is None else need() <= limit
+        fits = pm.work <= WHOLE_BYTES and (limit is None or need() <= limit)
         if fits:
             continue
         p = job.products[i]

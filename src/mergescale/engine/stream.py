@@ -131,7 +131,7 @@ def run_plan(
         max_memory: budget for the process's peak memory (bytes, or a size like ``"16GB"``): stacked methods
             that can block (:mod:`mergescale.methods.blocked`) run over row blocks sized to keep within it, and
             a budget that cannot hold one block raises :class:`~.memory.MemoryBudgetError` before anything is
-            read. None: stacks over 1 GiB are blocked in blocks of at most 256 MiB (:mod:`.memory`).
+            read. None: blocks of at most 256 MiB (every product that can block does, :mod:`.memory`).
         memory: the memory plan to follow, from :func:`~.memory.plan_memory` on this plan (instead of planning
             again with ``max_memory``: a caller that searched for a budget runs exactly the plan it accepted).
 
