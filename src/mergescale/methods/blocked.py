@@ -26,7 +26,7 @@ and whole-tensor results are identical (tests force tiny blocks for each blocked
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -301,6 +301,18 @@ def column_ranges(n: int, workers: int, offset: int, cuts: list[tuple[int, int]]
             points.append(p)
     points.append(n)
     return list(zip(points[:-1], points[1:], strict=True))
+
+
+def grid_pieces(block: Block) -> Iterator[tuple[int, int]]:
+    """The block's local ``[lo, hi)`` pieces of at most :data:`GRID` entries, cut where the whole tensor's grid
+    chunks end, so per-piece work is the same for any blocks and whole chunks reach a :class:`GridSum` as they
+    are (float sums are taken over the fixed grid whatever the pieces)."""
+    n, offset = block.numel, block.offset
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + GRID - (offset + lo) % GRID)
+        yield lo, hi
+        lo = hi
 
 
 def step_ranges(n: int, step: int, workers: int) -> list[tuple[int, int]]:

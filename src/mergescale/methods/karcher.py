@@ -30,7 +30,16 @@ import math
 import torch
 
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    Block,
+    BlockedMerge,
+    GridSum,
+    TensorMeta,
+    gram_sum,
+    grid_pieces,
+    run_in_memory,
+)
 
 _CHUNK_BYTES = 8 << 20  # bytes per piece of the apply pass on the CPU: every input's piece stays in cache
 
@@ -116,10 +125,7 @@ class KarcherMerge(BlockedMerge):
             buf = None  # the models' chunks are views, straight to the sums
         else:
             buf = torch.empty((self.n, min(GRID, n)), device=block.device)  # (n, c) the models, then the base
-        pos = 0
-        while pos < n:
-            g = block.offset + pos
-            end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
+        for pos, end in grid_pieces(block):
             if buf is None:
                 rows = block.chunk(pos, end)  # (k, c) a view
             else:
@@ -130,8 +136,7 @@ class KarcherMerge(BlockedMerge):
                         rows[: self.k].copy_(got)
                 if base is not None:
                     rows[self.k].copy_(base[pos:end])
-            self.sums.feed(rows, g)
-            pos = end
+            self.sums.feed(rows, block.offset + pos)
 
     def end_pass(self) -> bool:
         gram = torch.empty((self.n, self.n), dtype=torch.float64)

@@ -24,7 +24,16 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    Block,
+    BlockedMerge,
+    GridSum,
+    TensorMeta,
+    gram_sum,
+    grid_pieces,
+    run_in_memory,
+)
 
 SINGULAR = 1e-6
 # Bytes of float64 offsets per piece of whole rows (filter_wise): the pairwise products stay in cache.
@@ -125,15 +134,11 @@ class ModelStockMerge(BlockedMerge):
         base = block.flat_base()  # (n,)
         n = base.numel()
         scratch = None if block.materialized else torch.empty((self.k, min(GRID, n)), device=block.device)
-        pos = 0
-        while pos < n:
-            g = block.offset + pos
-            end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
+        for pos, end in grid_pieces(block):
             tau = block.chunk(pos, end, scratch)  # (k, c) θᵢ (a view of a materialized block)
             if block.fresh:
                 tau.sub_(base[pos:end])  # τ, in place (the apply pass of a single block skips this)
-            self.sums.feed(tau, g)
-            pos = end
+            self.sums.feed(tau, block.offset + pos)
 
     def end_pass(self) -> bool:
         assert self.sums is not None

@@ -37,6 +37,7 @@ from mergescale.methods.blocked import (
     GridSum,
     TensorMeta,
     gram_sum,
+    grid_pieces,
     run_in_memory,
     step_ranges,
 )
@@ -108,12 +109,8 @@ class MultiSlerpMerge(BlockedMerge):
         assert self.sums is not None
         n = block.numel
         scratch = None if block.materialized else torch.empty((self.k, min(GRID, n)), device=block.device)
-        pos = 0
-        while pos < n:
-            g = block.offset + pos
-            end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
-            self.sums.feed(self._vectors(block, pos, end, scratch), g)
-            pos = end
+        for pos, end in grid_pieces(block):
+            self.sums.feed(self._vectors(block, pos, end, scratch), block.offset + pos)
 
     def end_pass(self) -> bool:
         assert self.sums is not None

@@ -39,6 +39,7 @@ from mergescale.methods.blocked import (
     GridSum,
     TensorMeta,
     gram_sum,
+    grid_pieces,
     run_in_memory,
     step_ranges,
 )
@@ -200,12 +201,8 @@ class NuSlerpMerge(BlockedMerge):
         n = block.numel
         if self.mode == "flat":
             scratch = None if block.materialized else torch.empty((2, min(GRID, n)), device=block.device)
-            pos = 0
-            while pos < n:
-                g = block.offset + pos
-                end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
-                self.sums.feed(self._tau(block, pos, end, scratch), g)
-                pos = end
+            for pos, end in grid_pieces(block):
+                self.sums.feed(self._tau(block, pos, end, scratch), block.offset + pos)
             return
         rows = block.stop - block.start
         step = max(1, self.columns.group)

@@ -28,7 +28,16 @@ import torch
 
 from mergescale.errors import ConfigError
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec
-from mergescale.methods.blocked import GRID, Block, BlockedMerge, GridSum, TensorMeta, gram_sum, run_in_memory
+from mergescale.methods.blocked import (
+    GRID,
+    Block,
+    BlockedMerge,
+    GridSum,
+    TensorMeta,
+    gram_sum,
+    grid_pieces,
+    run_in_memory,
+)
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -84,17 +93,13 @@ class SlerpMerge(BlockedMerge):
         v0 = block.flat_base()  # (n,) θ_base rows
         n = v0.numel()
         pair = torch.empty((2, min(GRID, n)), dtype=torch.float32, device=block.device)  # (2, c) [v₀; v₁]
-        pos = 0
-        while pos < n:
-            g = block.offset + pos
-            end = min(n, pos + GRID - g % GRID)  # pieces end on the grid: whole chunks go straight through
+        for pos, end in grid_pieces(block):
             both = pair[:, : end - pos]
             both[0].copy_(v0[pos:end])
             v1 = block.piece(0, pos, end, both[1])  # converted into place, or a view of a materialized block
             if v1.data_ptr() != both[1].data_ptr():
                 both[1].copy_(v1)
-            self.sums.feed(both, g)
-            pos = end
+            self.sums.feed(both, block.offset + pos)
 
     def end_pass(self) -> bool:
         self.coefficients = slerp_coefficients_from_sums(self.t, *self.sums.values)

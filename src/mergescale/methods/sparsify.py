@@ -32,13 +32,12 @@ blocks: thresholds and masks are exact functions of the whole tensor and its see
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
 from mergescale.errors import ConfigError
-from mergescale.methods.blocked import AbsSum, Block, GridSum
+from mergescale.methods.blocked import AbsSum, Block, GridSum, grid_pieces
 from mergescale.methods.random_masks import ByteStream, LazyBernoulli, pack_bits, uniform, unpack_bits
 from mergescale.methods.selection import (
     SWEEP_CHUNK,
@@ -91,18 +90,6 @@ def _della_keep_mask(
 # ---------------------------------------------------------------------------------------------------------------
 # the same sparsifications over blocks (blocked merging: :mod:`mergescale.methods.blocked`)
 # ---------------------------------------------------------------------------------------------------------------
-def grid_pieces(block: Block) -> Iterator[tuple[int, int]]:
-    """The block's local ``[lo, hi)`` pieces of at most :data:`SWEEP_CHUNK` entries, cut where the whole
-    tensor's chunks of that size end, so per-piece work is the same for any blocks (float sums are taken over
-    the fixed grid whatever the pieces, :class:`GridSum`)."""
-    n, offset, size = block.numel, block.offset, SWEEP_CHUNK
-    lo = 0
-    while lo < n:
-        hi = min(n, lo + size - (offset + lo) % size)
-        yield lo, hi
-        lo = hi
-
-
 class Sparsifier:
     """What survives of one model's τ = θ − θ_base, decided over blocks that come in flat order.
 
