@@ -68,7 +68,6 @@ class ProductMemory:
     mode: str  # "linear", "whole", "blocked" or "copy"
     work: int  # bytes of working memory while it is computed (besides its output)
     output: int  # bytes of its result in the output dtype
-    merge: BlockedMerge | None = None
     rows_per_block: int = 0
     blocks: int = 1
     block: int = 0  # bytes of one block (blocked products; ``work`` adds the method's state)
@@ -244,8 +243,8 @@ def _plan_job(
         elif p.coefficients is not None:
             products.append(ProductMemory("linear", 4 * math.prod(p.shape), out))
         else:
-            merge = blocked_merge(spec, p, device)
-            products.append(ProductMemory("whole", whole_bytes(p), out, merge))
+            merge = blocked_merge(spec, p, device)  # sizes the blocks; the run makes its own (engine/stream.py)
+            products.append(ProductMemory("whole", whole_bytes(p), out))
             if merge is not None:
                 blocked.append((len(products) - 1, merge))
     # inputs held while the job computes: linear outputs keep up to the read-ahead budget of their inputs
@@ -266,7 +265,7 @@ def _plan_job(
             continue
         p = job.products[i]
         per_row = block_row_bytes(p, merge, device)
-        pm.mode, pm.merge, pm.work = "blocked", merge, 0
+        pm.mode, pm.work = "blocked", 0
         # the block's rows within BLOCK_BYTES and what the budget leaves besides the method's state
         room = BLOCK_BYTES if limit is None else min(BLOCK_BYTES, limit - need() - merge.state_bytes)
         rows = room // per_row
@@ -282,9 +281,6 @@ def _plan_job(
         pm.blocks = len(bounds)
         pm.block = per_row * pm.rows_per_block
         pm.work = pm.block + merge.state_bytes
-    for pm in products:
-        if pm.mode == "whole" and pm.merge is not None:
-            pm.merge = None  # decided: runs on the whole stack
     users = [[pm.mode for p, pm in zip(job.products, products, strict=True) if r in p.inputs]
              for r in range(len(job.reads))]  # fmt: skip
     lazy = frozenset(r for r, modes in enumerate(users) if "blocked" in modes)

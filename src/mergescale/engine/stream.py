@@ -477,7 +477,7 @@ def _finish_blocked(
 ) -> torch.Tensor:
     """A blocked product: its method over row blocks of the held inputs, straight into the output dtype."""
     p, pm = st.product, st.memory
-    assert pm is not None and pm.merge is not None
+    assert pm is not None
     reads = [*p.models, *([p.base] if p.base is not None else [])]
     out = empty_tensor(p.shape, plan.output_dtype(st.spec, p), torch.device("cpu"), pool)
     before_large_allocation(pm.work, device)
@@ -486,9 +486,9 @@ def _finish_blocked(
         read = job.reads[reads[i]]
         raise_if_nonfinite(plan.labels[read.source], read.name, rows)
 
-    # a fresh merge, dropped with this call: what it keeps across blocks (selection candidates and samples,
-    # DARE's packed verdicts: up to n/8 bytes per model) must not outlive the tensor, and the plan's own merge
-    # (it sized the blocks) stays unused, so a memory plan can be run again
+    # made here and dropped with this call: what a merge keeps across blocks (selection candidates and samples,
+    # DARE's packed verdicts: up to n/8 bytes per model) must not outlive the tensor, and a memory plan (which
+    # keeps only the block sizes) can be run again
     merge = blocked_merge(st.spec, p, device)
     assert merge is not None
     return run_blocked(
