@@ -18,7 +18,15 @@ from concurrent.futures import Executor
 import torch
 
 from mergescale.io.checkpoint import populate_map
-from mergescale.methods.blocked import Block, BlockedMerge, Runner, block_bounds, drive, sequential
+from mergescale.methods.blocked import (
+    Block,
+    BlockedMerge,
+    Runner,
+    block_bounds,
+    column_ranges,
+    drive,
+    sequential,
+)
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 _WINDOW = 16 << 20  # entries of a map populated at a time to read a sample from it
@@ -155,9 +163,8 @@ def run_blocked(
         # faulting them in on one thread cost as much as a pass of the method
         dst = out_rows[block.start : block.stop].reshape(-1)
         src = result.reshape(-1)
-        n = dst.numel()
-        cuts = [n * j // workers for j in range(workers + 1)] if workers > 1 and n >= 1 << 20 else [0, n]
-        run(lambda j: dst[cuts[j] : cuts[j + 1]].copy_(src[cuts[j] : cuts[j + 1]]), len(cuts) - 1)
+        ranges = column_ranges(dst.numel(), workers, block.offset, [])
+        run(lambda j: dst[ranges[j][0] : ranges[j][1]].copy_(src[ranges[j][0] : ranges[j][1]]), len(ranges))
 
     def done(block: Block) -> None:
         if lazy:
