@@ -379,14 +379,9 @@ class GridSum:
         return self.values[0]
 
 
-def abs_sum(chunk: torch.Tensor) -> float:
-    """Σ|x| of a chunk in float32, as a Python float (torch's cascade summation)."""
-    return float(chunk.abs().sum())
-
-
 class AbsSum:
-    """:func:`abs_sum` with |x| written into a scratch buffer kept from call to call (the same floats): a
-    sweep's fresh chunk-sized temporaries, interleaved with the small tensors a statistics pass keeps,
+    """Σ|x| of a chunk in float32, as a Python float (torch's cascade summation), with |x| written into a scratch
+    buffer kept from call to call: a sweep's fresh chunk-sized temporaries, interleaved with the small tensors a statistics pass keeps,
     fragmented the heap by about the size of a chunk per piece (DARE's pass grew by 1.2 GB on one tensor)."""
 
     def __init__(self) -> None:
