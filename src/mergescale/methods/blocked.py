@@ -411,3 +411,14 @@ def gram_sum(chunk: torch.Tensor) -> list[float]:
         total += piece @ piece.T
     rows, cols = torch.triu_indices(m, m, device=chunk.device)
     return total[rows, cols].tolist()
+
+
+def gram_matrix(values: Sequence[float], m: int) -> torch.Tensor:
+    """The symmetric ``(m, m)`` float64 Gram matrix from the upper triangle row by row, as :func:`gram_sum`
+    gives it (and a :class:`GridSum` of it sums it)."""
+    gram = torch.empty((m, m), dtype=torch.float64)
+    rows, cols = torch.triu_indices(m, m)
+    upper = torch.tensor(list(values), dtype=torch.float64)  # (m(m+1)/2,)
+    gram[rows, cols] = upper
+    gram[cols, rows] = upper
+    return gram

@@ -36,6 +36,7 @@ from mergescale.methods.blocked import (
     BlockedMerge,
     GridSum,
     TensorMeta,
+    gram_matrix,
     gram_sum,
     grid_pieces,
     run_in_memory,
@@ -139,12 +140,7 @@ class KarcherMerge(BlockedMerge):
             self.sums.feed(rows, block.offset + pos)
 
     def end_pass(self) -> bool:
-        gram = torch.empty((self.n, self.n), dtype=torch.float64)
-        values = iter(self.sums.values)
-        for i in range(self.n):
-            for j in range(i, self.n):
-                gram[i, j] = gram[j, i] = next(values)
-        self.coefficients = karcher_coefficients(gram, self.max_iter, self.tol)
+        self.coefficients = karcher_coefficients(gram_matrix(self.sums.values, self.n), self.max_iter, self.tol)
         return False
 
     def apply(self, block: Block) -> torch.Tensor:

@@ -30,6 +30,7 @@ from mergescale.methods.blocked import (
     BlockedMerge,
     GridSum,
     TensorMeta,
+    gram_matrix,
     gram_sum,
     grid_pieces,
     run_in_memory,
@@ -56,16 +57,13 @@ def model_stock(inputs: MethodInputs) -> torch.Tensor:
 def interpolation(k: int, gram: list[float]) -> float:
     """t = k·cos θ / (1 + (k − 1)·cos θ) from the upper triangle of the offsets' Gram matrix (row by row, as
     :func:`~mergescale.methods.blocked.gram_sum` gives it); 0 where the denominator is ≈ 0."""
-    index = {}
-    for i in range(k):
-        for j in range(i, k):
-            index[i, j] = len(index)
-    norms = [max(gram[index[i, i]], 0.0) ** 0.5 for i in range(k)]
+    g = gram_matrix(gram, k).tolist()  # the same float64 values, as Python floats
+    norms = [max(g[i][i], 0.0) ** 0.5 for i in range(k)]
     total = 0.0
     for i in range(k):
         for j in range(i + 1, k):
             denom = max(norms[i] * norms[j], SINGULAR)
-            total += min(1.0, max(-1.0, gram[index[i, j]] / denom))
+            total += min(1.0, max(-1.0, g[i][j] / denom))
     cos = total / (k * (k - 1) // 2)  # mean pairwise cosine
     d = 1.0 + (k - 1) * cos
     return 0.0 if abs(d) < SINGULAR else k * cos / d

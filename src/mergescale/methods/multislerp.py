@@ -36,6 +36,7 @@ from mergescale.methods.blocked import (
     BlockedMerge,
     GridSum,
     TensorMeta,
+    gram_matrix,
     gram_sum,
     grid_pieces,
     run_in_memory,
@@ -114,12 +115,7 @@ class MultiSlerpMerge(BlockedMerge):
 
     def end_pass(self) -> bool:
         assert self.sums is not None
-        k = self.k
-        gram = torch.empty((k, k), dtype=torch.float64)
-        values = iter(self.sums.values)
-        for i in range(k):
-            for j in range(i, k):
-                gram[i, j] = gram[j, i] = next(values)
+        gram = gram_matrix(self.sums.values, self.k)
         self.coefficients = multislerp_coefficients(self.name, self.weights, gram, self.eps)
         return False
 
