@@ -125,6 +125,15 @@ class Block:
             self.piece(i, lo, hi, dst[i])
         return dst
 
+    def task_vectors(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every model's flat entries ``[lo, hi)`` minus the base's where the block has a base: ``(k, hi − lo)``
+        float32 (a view or converted into ``out``, as :meth:`chunk`). On a materialized block the subtraction
+        is made in place, once: a later pass over the same block (``fresh`` False) finds the task vectors."""
+        tau = self.chunk(lo, hi, out)
+        if self.base is not None and self.fresh:
+            tau.sub_(self.flat_base()[lo:hi])
+        return tau
+
     def model(self, i: int) -> torch.Tensor:
         """Model ``i``'s rows, flat float32 (a view of a materialized block, else a converted copy)."""
         return self.piece(i, 0, self.numel)

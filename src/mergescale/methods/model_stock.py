@@ -133,9 +133,7 @@ class ModelStockMerge(BlockedMerge):
         n = base.numel()
         scratch = None if block.materialized else torch.empty((self.k, min(GRID, n)), device=block.device)
         for pos, end in grid_pieces(block):
-            tau = block.chunk(pos, end, scratch)  # (k, c) θᵢ (a view of a materialized block)
-            if block.fresh:
-                tau.sub_(base[pos:end])  # τ, in place (the apply pass of a single block skips this)
+            tau = block.task_vectors(pos, end, scratch)  # (k, c) τᵢ (in place in a materialized block)
             self.sums.feed(tau, block.offset + pos)
 
     def end_pass(self) -> bool:
@@ -155,9 +153,7 @@ class ModelStockMerge(BlockedMerge):
         total = torch.empty(min(step, n), device=block.device)  # (c,) Σ τᵢ
         for s in range(0, n, step):
             e = min(n, s + step)
-            tau = block.chunk(s, e, scratch)  # (k, c) θᵢ, or τᵢ left by the statistics pass
-            if block.fresh:
-                tau.sub_(base[s:e])
+            tau = block.task_vectors(s, e, scratch)  # (k, c) τᵢ, or as the statistics pass left them
             acc = torch.add(tau[0], tau[1], out=total[: e - s])
             for i in range(2, self.k):
                 acc.add_(tau[i])

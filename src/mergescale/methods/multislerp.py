@@ -98,20 +98,12 @@ class MultiSlerpMerge(BlockedMerge):
         # every model's grid chunk in float32 (carry, piece) and float64 (gram_sum's copy, its products)
         self.state_bytes = self.k * min(GRID, meta.numel) * (4 + 4 + 8 + 8)
 
-    def _vectors(self, block: Block, lo: int, hi: int, scratch: torch.Tensor | None) -> torch.Tensor:
-        """Every vᵢ's flat entries ``[lo, hi)`` of the block, ``(k, c)`` float32 (in place in a materialized
-        block: a later pass on the same block finds them there, ``fresh`` False)."""
-        v = block.chunk(lo, hi, scratch)
-        if block.base is not None and block.fresh:
-            v.sub_(block.flat_base()[lo:hi])
-        return v
-
     def statistics(self, block: Block) -> None:
         assert self.sums is not None
         n = block.numel
         scratch = None if block.materialized else torch.empty((self.k, min(GRID, n)), device=block.device)
         for pos, end in grid_pieces(block):
-            self.sums.feed(self._vectors(block, pos, end, scratch), block.offset + pos)
+            self.sums.feed(block.task_vectors(pos, end, scratch), block.offset + pos)
 
     def end_pass(self) -> bool:
         assert self.sums is not None
@@ -135,7 +127,7 @@ class MultiSlerpMerge(BlockedMerge):
             scratch = None if block.materialized else torch.empty((self.k, min(step, hi - lo)), device=block.device)
             for s in range(lo, hi, step):
                 e = min(hi, s + step)
-                v = self._vectors(block, s, e, scratch)  # (k, c), scaled in place below
+                v = block.task_vectors(s, e, scratch)  # (k, c), scaled in place below
                 acc = v[0].mul_(c[0])
                 for i in range(1, self.k):
                     acc.add_(v[i].mul_(c[i]))  # Σ cᵢvᵢ in model order

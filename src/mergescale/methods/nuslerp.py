@@ -189,27 +189,19 @@ class NuSlerpMerge(BlockedMerge):
         self.coefficients: tuple[float, float] | None = None
         self.column_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _tau(self, block: Block, lo: int, hi: int, scratch: torch.Tensor | None) -> torch.Tensor:
-        """Both task vectors' flat entries ``[lo, hi)`` of the block, ``(2, c)`` float32 (in place in a
-        materialized block: a later pass on the same block finds them there, ``fresh`` False)."""
-        tau = block.chunk(lo, hi, scratch)
-        if block.base is not None and block.fresh:
-            tau.sub_(block.flat_base()[lo:hi])
-        return tau
-
     def statistics(self, block: Block) -> None:
         n = block.numel
         if self.mode == "flat":
             scratch = None if block.materialized else torch.empty((2, min(GRID, n)), device=block.device)
             for pos, end in grid_pieces(block):
-                self.sums.feed(self._tau(block, pos, end, scratch), block.offset + pos)
+                self.sums.feed(block.task_vectors(pos, end, scratch), block.offset + pos)
             return
         rows = block.stop - block.start
         step = max(1, self.columns.group)
         scratch = None if block.materialized else torch.empty((2, min(step, rows) * self.row_numel), device=block.device)
         for r in range(0, rows, step):
             e = min(rows, r + step)
-            tau = self._tau(block, r * self.row_numel, e * self.row_numel, scratch)
+            tau = block.task_vectors(r * self.row_numel, e * self.row_numel, scratch)
             self.columns.feed(tau.view(2, e - r, self.row_numel), block.start + r)
 
     def end_pass(self) -> bool:
@@ -244,7 +236,7 @@ class NuSlerpMerge(BlockedMerge):
             tmp = torch.empty(width, device=block.device)
             for s in range(lo, hi, step):
                 e = min(hi, s + step)
-                tau = self._tau(block, s, e, scratch)  # (2, c)
+                tau = block.task_vectors(s, e, scratch)  # (2, c)
                 if self.mode == "flat":
                     assert self.coefficients is not None, "statistics pass first"
                     c0, c1 = self.coefficients

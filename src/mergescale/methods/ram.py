@@ -68,9 +68,7 @@ class RamMerge(BlockedMerge):
         step = self._step(n, block.device)
         scratch = None if block.materialized else torch.empty((self.k, min(step, n)), device=block.device)
         for s in range(0, n, step):
-            t = block.chunk(s, min(n, s + step), scratch)  # (k, c) θᵢ (a view of a materialized block)
-            if block.fresh:
-                t.sub_(base[s : s + step])  # τ, in place (the apply pass of a single block skips this)
+            t = block.task_vectors(s, min(n, s + step), scratch)  # (k, c) τᵢ (in place in a materialized block)
             changed = t.abs() > self.eps  # (k, c)
             counts = changed.sum(dim=0, keepdim=True)  # (1, c)
             self.shared_n += (changed & (counts > 1)).sum(dim=1)
@@ -88,9 +86,7 @@ class RamMerge(BlockedMerge):
         lam = self.lam.to(block.device) if self.lam is not None else None
         scratch = None if block.materialized else torch.empty((self.k, min(step, n)), device=block.device)
         for s in range(0, n, step):
-            t = block.chunk(s, min(n, s + step), scratch)  # (k, c) θᵢ, or τᵢ left by the statistics pass
-            if block.fresh:
-                t.sub_(base[s : s + step])
+            t = block.task_vectors(s, min(n, s + step), scratch)  # (k, c) τᵢ, or as the statistics pass left them
             changed = t.abs() > self.eps  # (k, c) nᵢ
             counts = changed.sum(dim=0, keepdim=True)  # (1, c)
             overlap, unique = counts > 1, counts == 1

@@ -175,15 +175,12 @@ class SceMerge(BlockedMerge):
         """``(s, e, τ)`` for the block's flat ``[lo, hi)`` in pieces of at most ``step`` ending on the grid of that
         size: τ ``(k, e − s)`` float32 (computed in place on a fresh materialized block; in a scratch buffer from
         a lazy one; as left by an earlier pass otherwise)."""
-        base = block.flat_base()
         scratch = None if block.materialized else torch.empty((self.k, min(step, hi - lo)), device=block.device)
         s = lo
         while s < hi:
             g = block.offset + s
             e = min(hi, s + step - g % step)
-            tau = block.chunk(s, e, scratch)  # (k, c) a view of a materialized block, or converted
-            if block.fresh:
-                tau.sub_(base[s:e])
+            tau = block.task_vectors(s, e, scratch)  # (k, c) a view of a materialized block, or converted
             yield s, e, tau
             s = e
 
