@@ -120,14 +120,7 @@ class _ColumnSums:
 
     def _add(self, pair: torch.Tensor) -> None:
         x = _pair_sums(pair[0], pair[1])  # (3, m, cols)
-        while x.shape[1] > 1:
-            m = x.shape[1]
-            h = m // 2
-            y = x[:, :h] + x[:, h : 2 * h]
-            if m % 2:
-                y[:, h - 1] += x[:, 2 * h]
-            x = y
-        self.sums += x[:, 0]
+        self.sums += fixed_row_sum(x.movedim(1, -1))  # (3, cols): the group's rows by pairwise halving
 
     def feed(self, pair: torch.Tensor, row0: int) -> None:
         """Rows ``[row0, row0 + r)`` of both vectors, ``(2, r, cols)`` float32 (in order after the last)."""
