@@ -172,6 +172,7 @@ class StudyWorker:
         model = self.model(job.group)
         outputs = [(cell, i, _config(job, cell, params)) for cell in job.cells for i, params in enumerate(cell.candidates)]
         chunks, scratch = plan_chunks(job, outputs, self.context, model.nbytes)
+        sizes = draw_sizes(job, self.context, model.nbytes)
         result = JobResult([], 0.0, None, outputs=len(outputs), plans=len(chunks))
         merged: dict[tuple[str, int], Any] = {}  # (cell key, candidate) -> state dict or scratch folder
         pending = {cell.key: len(cell.candidates) for cell in job.cells}
@@ -196,7 +197,7 @@ class StudyWorker:
                         observers = [stats_obs] if stats_obs is not None else []
                     held = sum(1 for v in merged.values() if not isinstance(v, str))
                     in_memory = held + sum(1 for cell, i, _ in chunk if (cell.key, i) not in scratch)
-                    memory = engine_memory(plan, job, self.context, model.nbytes, in_memory)
+                    memory = engine_memory(plan, self.context, sizes, in_memory)
                     stats = run_plan(plan, device=self.context.eval.device, progress=False, observers=observers,
                                      memory=memory)  # fmt: skip
                 result.bytes_read += stats.bytes_read
@@ -316,12 +317,9 @@ def plan_chunks(
     one float32 tensor for linear ones); the evaluation model and the diagnostics' inputs are held throughout. A
     cell's candidates stay in one plan when they fit, since selection evaluates them together.
     """
-    sizes = _tensor_sizes(job.group.base.path)  # (bytes, entries) per tensor
-    total = sum(nbytes for nbytes, _ in sizes)
-    largest = max((numel for _, numel in sizes), default=0)
-    k = len(job.experts)
-    fixed = model_bytes + (4 * (k + 1) * largest if context.diagnostics else 0)
-    room = context.memory_budget - fixed
+    sizes = draw_sizes(job, context, model_bytes)
+    total, largest, k = sizes.total, sizes.largest, len(job.experts)
+    room = context.memory_budget - sizes.held
 
     def work(cfg: MergeConfig) -> int:
         method = get_method(cfg.merge_method)
@@ -350,18 +348,33 @@ def plan_chunks(
     return [c for c in chunks if c], scratch
 
 
-def engine_memory(plan: Any, job: DrawJob, context: StudyContext, model_bytes: int, in_memory: int) -> MemoryPlan:
+@dataclass(frozen=True)
+class DrawSizes:
+    """What a draw's memory planning needs of its models: a merged model's bytes (``total``), the largest
+    tensor's entries, and what the worker holds throughout (the evaluation model, the diagnostics' inputs)."""
+
+    total: int
+    largest: int
+    held: int
+
+
+def draw_sizes(job: DrawJob, context: StudyContext, model_bytes: int) -> DrawSizes:
+    """The sizes of the draw's base from its headers (tied heads are not written), ``model_bytes`` the
+    evaluation model's."""
+    sizes = _tensor_sizes(job.group.base.path)  # (bytes, entries) per tensor
+    largest = max((numel for _, numel in sizes), default=0)
+    diagnostics = 4 * (len(job.experts) + 1) * largest if context.diagnostics else 0
+    return DrawSizes(sum(nbytes for nbytes, _ in sizes), largest, model_bytes + diagnostics)
+
+
+def engine_memory(plan: Any, context: StudyContext, sizes: DrawSizes, in_memory: int) -> MemoryPlan:
     """The memory plan a draw's merge runs under: a ``max_memory`` of this process now, plus what the worker's
     budget leaves for merging once the evaluation model, the diagnostics' inputs and ``in_memory`` merged
     models (held from earlier plans of the draw, or this plan's) are taken out of it; stacked methods then
     block their large tensors to fit (:mod:`mergescale.engine.memory`). A budget too small for one block of
     some tensor (where :func:`plan_chunks` sent the outputs to scratch) is raised to the least that holds one:
     the draw then runs as lean as the engine can."""
-    sizes = _tensor_sizes(job.group.base.path)
-    total = sum(nbytes for nbytes, _ in sizes)
-    largest = max((numel for _, numel in sizes), default=0)
-    diagnostics = 4 * (len(job.experts) + 1) * largest if context.diagnostics else 0
-    room = context.memory_budget - model_bytes - diagnostics - in_memory * total
+    room = context.memory_budget - sizes.held - in_memory * sizes.total
     baseline = current_rss()
     budget = baseline + max(room, 0)
     while True:  # each refusal names the least that holds one more tensor: at most one round per tensor
