@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from mergescale.methods import kernels
 from mergescale.methods.base import MethodInputs, TensorMeta
 
 GRID = 1 << 18
@@ -383,14 +384,25 @@ class GridSum:
                     self._carry_len = 0
             pos += take
 
+    def add_chunk(self, offset: int, c: int, value: float) -> None:
+        """``fn``'s value for the whole chunk ``[offset, offset + c)``, computed by the caller."""
+        assert offset % GRID == 0 and c == min(GRID, self.n - offset) and self._carry_len == 0, "not a whole chunk"
+        self.values[0] += value
+
+    def whole_chunk(self, offset: int, c: int) -> bool:
+        """Whether ``[offset, offset + c)`` is one whole chunk of the grid (with nothing carried)."""
+        return offset % GRID == 0 and c == min(GRID, self.n - offset) and self._carry_len == 0
+
     @property
     def value(self) -> float:
         return self.values[0]
 
 
 class AbsSum:
-    """Σ|x| of a chunk in float32, as a Python float (torch's cascade summation), with |x| written into a scratch
-    buffer kept from call to call: a sweep's fresh chunk-sized temporaries, interleaved with the small tensors a statistics pass keeps,
+    """Σ|x| of a chunk as a Python float. On the CPU with numba, :func:`~.kernels.abs_sum` (float64, 32
+    accumulators: what the fused DARE sweep computes too; a chunk that is not contiguous is copied first);
+    otherwise torch's float32 cascade summation. |x| or the copy goes to a scratch buffer kept from call to call:
+    a sweep's fresh chunk-sized temporaries, interleaved with the small tensors a statistics pass keeps,
     fragmented the heap by about the size of a chunk per piece (DARE's pass grew by 1.2 GB on one tensor)."""
 
     def __init__(self) -> None:
@@ -398,9 +410,15 @@ class AbsSum:
 
     def __call__(self, chunk: torch.Tensor) -> float:
         c = chunk.numel()
+        lanes = kernels.numba is not None and chunk.device.type == "cpu" and chunk.dtype == torch.float32
+        if lanes and chunk.is_contiguous():
+            return kernels.abs_sum(chunk)
         if self._scratch is None or self._scratch.numel() < c or self._scratch.device != chunk.device:
             self._scratch = torch.empty(c, dtype=chunk.dtype, device=chunk.device)
-        return float(torch.abs(chunk, out=self._scratch[:c].view(chunk.shape)).sum())
+        buf = self._scratch[:c].view(chunk.shape)
+        if lanes:
+            return kernels.abs_sum(buf.copy_(chunk))
+        return float(torch.abs(chunk, out=buf).sum())
 
 
 def gram_sum(chunk: torch.Tensor) -> list[float]:

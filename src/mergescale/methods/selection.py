@@ -31,6 +31,8 @@ from functools import cached_property
 
 import torch
 
+from mergescale.methods import kernels
+
 SWEEP_CHUNK = 1 << 18  # entries per chunk of the sweep: a few MiB of work set, stays in cache
 _DIRECT_MAX = 1 << 16  # up to this many entries, skip the sample: every entry is a candidate
 _SAMPLE = 1 << 15
@@ -136,11 +138,23 @@ def top_k_thresholds_(
     # nonzero_bytes() scans them 8 at a time.
     above = torch.empty(round8(step), dtype=torch.uint8, device=x.device)
     inside = torch.empty(round8(step), dtype=torch.uint8, device=x.device)
+    positions: torch.Tensor | None = None  # (step,) the fused sweep's band positions
     for start in range(0, n, step):
         xc = x[start : start + step]  # (c,) a view: subtraction lands in x
         c = xc.numel()
-        if subtract is not None:
-            xc.sub_(subtract[start : start + step])
+        sub = subtract[start : start + step] if subtract is not None else None
+        if not with_sums and kernels.available(xc, *([sub] if sub is not None else [])):
+            if positions is None:
+                positions = torch.empty(step, dtype=torch.int64)
+            for b in bands:
+                n_above, m = kernels.band_sweep_(xc, sub, b.lo_bits, b.hi_bits, mbuf, positions, start)
+                sub = None  # subtracted once
+                b.n_above += n_above
+                b.values.append(mbuf[:m].clone())
+                b.positions.append(positions[:m].clone())
+            continue
+        if sub is not None:
+            xc.sub_(sub)
         mc = torch.abs(xc, out=mbuf[:c])  # (c,)
         bits = mc.view(torch.int32)  # (c,) for |x| ≥ 0 the float order is the integer order of the bits
         if with_sums:
@@ -457,12 +471,18 @@ class TopKSearch:
             g = offset + pos
             end = n if whole else min(n, pos + SWEEP_CHUNK - g % SWEEP_CHUNK)
             xc = x[pos:end]  # (c,) a view: the subtraction lands in x
-            if subtract is not None:
-                xc.sub_(subtract[pos:end])
+            sub = subtract[pos:end] if subtract is not None else None
             c = end - pos
-            mc = torch.abs(xc, out=mbuf[:c])  # (c,)
-            self._count(mc, above, inside, g)
+            if not self._coarse and kernels.available(xc, *([sub] if sub is not None else [])):
+                self._count_fused(xc, sub, mbuf[:c], g)
+                mc = torch.abs(xc, out=mbuf[:c]) if self._sums is not None else None
+            else:
+                if sub is not None:
+                    xc.sub_(sub)
+                mc = torch.abs(xc, out=mbuf[:c])  # (c,)
+                self._count(mc, above, inside, g)
             if self._sums is not None and not self._coarse:
+                assert mc is not None
                 self._sums.feed(mc, g)
             pos = end
 
@@ -479,6 +499,19 @@ class TopKSearch:
                 torch.empty(round8(size), dtype=torch.uint8, device=device),
             )
         return have
+
+    def _count_fused(self, xc: torch.Tensor, sub: torch.Tensor | None, values: torch.Tensor, start: int) -> None:
+        """:meth:`_count` with the subtraction, in one loop per band (:func:`~.kernels.band_sweep_`)."""
+        for b in self.bands:
+            if b.done is not None:
+                continue
+            n_above, m = kernels.band_sweep_(xc, sub, b.lo_bits, b.hi_bits, values)
+            sub = None  # subtracted once
+            b.n_above += n_above
+            b.values.append(values[:m].clone())
+            b.pieces.append((start, start + xc.numel()))
+        if sub is not None:  # no open band (cannot happen while sweeping), but the subtraction is owed
+            xc.sub_(sub)
 
     def _count(self, mc: torch.Tensor, above: torch.Tensor, inside: torch.Tensor, start: int) -> None:
         bits = mc.view(torch.int32)  # (c,) for |x| ≥ 0 the float order is the integer order of the bits

@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 
 from mergescale.errors import ConfigError
+from mergescale.methods import kernels
 from mergescale.methods.blocked import AbsSum, Block, GridSum, grid_pieces
 from mergescale.methods.random_masks import ByteStream, LazyBernoulli, pack_bits, uniform, unpack_bits
 from mergescale.methods.selection import (
@@ -115,6 +116,16 @@ class Sparsifier:
         if block.materialized and block.fresh:  # τ in place, for the apply pass of this same block
             block.model(i).sub_(block.flat_base())
 
+    @property
+    def sweeping(self) -> bool:
+        """Whether this pass needs the model's entries piece by piece through :meth:`feed` (any block as read)."""
+        return False
+
+    def feed(self, xc: torch.Tensor, bp: torch.Tensor, g: int) -> None:
+        """The model's flat entries ``[g, g + c)`` of a block as read (float32, in flat order after the previous
+        piece; the caller's scratch) and the base's ``bp``: what :meth:`statistics` does piece by piece."""
+        raise NotImplementedError
+
     def end_pass(self) -> bool:
         return False
 
@@ -157,14 +168,21 @@ class _Magnitude(Sparsifier):
     def take_sample(self, tau: torch.Tensor) -> None:
         self.search.take_sample(tau)
 
+    @property
+    def sweeping(self) -> bool:
+        return not self.search.finished  # finished: another model asked for one more pass
+
     def statistics(self, block: Block, i: int) -> None:
-        if self.search.finished:  # another model asked for one more pass
+        if self.search.finished:
             return super().statistics(block, i)
         base = block.flat_base()
         scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
         for lo, hi in grid_pieces(block):
             x = block.piece(i, lo, hi, scratch)
             self.search.feed(x, block.offset + lo, subtract=base[lo:hi] if block.fresh else None)
+
+    def feed(self, xc: torch.Tensor, bp: torch.Tensor, g: int) -> None:
+        self.search.feed(xc, g, subtract=bp)
 
     def end_pass(self) -> bool:
         if self.search.finished:
@@ -231,47 +249,67 @@ class _Dare(Sparsifier):
         self.kept_pos = torch.empty(0, dtype=torch.int64)
         self.kept_val = torch.empty(0)
         self.done = False
+        self._buffers: _DareScratch | None = None
+
+    @property
+    def sweeping(self) -> bool:
+        return not self.done
 
     def statistics(self, block: Block, i: int) -> None:
         if self.done:
             return super().statistics(block, i)
-        n = block.numel
         base = block.flat_base()
-        digit = self.draw.digit
-        step = min(SWEEP_CHUNK, n)
-        scratch = None if block.materialized else torch.empty(step, device=block.device)
-        keep = torch.empty(step, dtype=torch.uint8, device=block.device)  # (step,) 1 keep / 0 drop
-        words = torch.empty((step + 7) // 8, dtype=torch.int64)  # (step/8,) random draws, then packed verdicts
-        flags = torch.empty(round8(step), dtype=torch.uint8, device=block.device)  # (step,) 1 where undecided
-        whole = block.materialized and block.offset == 0 and n == self.n  # τ' stays in place for the apply
-        if self.bits is None and not whole:
-            self.bits = torch.empty((self.n + 7) // 8, dtype=torch.uint8, device=block.device)
+        scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
+        whole = block.materialized and block.offset == 0 and block.numel == self.n  # τ' stays in place
         for lo, hi in grid_pieces(block):
-            g = block.offset + lo
-            xc = block.piece(i, lo, hi, scratch)  # (c,)
-            c = hi - lo
-            xc.sub_(base[lo:hi])  # τ
+            self.feed(block.piece(i, lo, hi, scratch), base[lo:hi], block.offset + lo, packed=not whole)
+
+    def _scratch(self, device: torch.device) -> _DareScratch:
+        if self._buffers is None or self._buffers.keep.device != device:
+            self._buffers = _DareScratch(min(SWEEP_CHUNK, self.n), device)
+        return self._buffers
+
+    def feed(self, xc: torch.Tensor, bp: torch.Tensor, g: int, packed: bool = True) -> None:
+        """The flat entries ``[g, g + c)`` (in flat order after the previous piece): ``xc`` becomes τ' (the first
+        byte's verdicts applied), ``bp`` the base's entries. ``packed``: keep the verdicts (every block but a
+        tensor that is one materialized block)."""
+        c = xc.numel()
+        buf = self._scratch(xc.device)
+        if packed and self.bits is None:
+            self.bits = torch.empty((self.n + 7) // 8, dtype=torch.uint8, device=xc.device)
+        bits = self.bits[g // 8 : (g + c + 7) // 8] if packed and self.bits is not None else None
+        digit = self.draw.digit
+        # (c,) uint8, the piece's first bytes: taken piece by piece, so only a piece's bytes are held (the
+        # stream gives the same bytes however they are cut)
+        bc = self.stream.take(c, buf.words).to(xc.device)
+        if self.before.whole_chunk(g, c) and kernels.available(xc, bp, bc):
+            u, before, after = kernels.dare_sweep_(xc, bp, bc, digit, bits, buf.tied_pos, buf.tied_val, g)
+            if u:
+                self.tied.append(buf.tied_pos[:u], buf.tied_val[:u])
             if self.l1:
-                self.before.feed(xc, g)
-            # (c,) uint8, the piece's first bytes: taken piece by piece, so only a piece's bytes are held (the
-            # stream gives the same bytes however they are cut)
-            bc = self.stream.take(c, words).to(block.device)
-            torch.eq(bc, digit, out=flags[:c])
-            tied = nonzero_bytes(flags, c)  # (u,) undecided after the first byte
-            if tied.numel():
-                values = xc[tied]  # (u,) τ there, before the piece is masked below
-                self.tied.append(tied.add_(g), values)
-            torch.lt(bc, digit, out=keep[:c])
-            xc.mul_(keep[:c])
-            if self.bits is not None:
-                pack_bits(keep[:c], out=self.bits[g // 8 : (g + c + 7) // 8], scratch=words)
-            if self.l1:
-                self.after.feed(xc, g)
+                self.before.add_chunk(g, c, before)
+                self.after.add_chunk(g, c, after)
+            return
+        xc.sub_(bp)  # τ
+        if self.l1:
+            self.before.feed(xc, g)
+        torch.eq(bc, digit, out=buf.flags[:c])
+        tied = nonzero_bytes(buf.flags, c)  # (u,) undecided after the first byte
+        if tied.numel():
+            values = xc[tied]  # (u,) τ there, before the piece is masked below
+            self.tied.append(tied.add_(g), values)
+        keep = torch.lt(bc, digit, out=buf.keep[:c])
+        xc.mul_(keep)
+        if bits is not None:
+            pack_bits(keep, out=bits, scratch=buf.words)
+        if self.l1:
+            self.after.feed(xc, g)
 
     def end_pass(self) -> bool:
         if self.done:
             return False
         self.done = True
+        self._buffers = None
         after = self.after.value
         if len(self.tied):
             pos, val = self.tied.take()  # (u,) ascending positions, their τ
@@ -287,13 +325,29 @@ class _Dare(Sparsifier):
         if self.fresh:
             assert self.bits is not None
             c, skip = xc.numel(), start % 8
-            keep = unpack_bits(self.bits[start // 8 : (start + c + 7) // 8], skip + c)[skip:]  # (c,) 0/1
-            xc.sub_(bc).mul_(keep)
+            packed = self.bits[start // 8 : (start + c + 7) // 8]
+            if kernels.available(xc, bc, packed):
+                kernels.dare_apply_(xc, bc, packed, skip)
+            else:
+                keep = unpack_bits(packed, skip + c)[skip:]  # (c,) 0/1
+                xc.sub_(bc).mul_(keep)
         # the kept undecided entries (zeroed by the first byte's test) get their τ back
         bounds = torch.tensor([start, start + xc.numel()], device=self.kept_pos.device)
         lo, hi = torch.searchsorted(self.kept_pos, bounds).tolist()
         if hi > lo:
             xc[self.kept_pos[lo:hi] - start] = self.kept_val[lo:hi].to(xc.device)
+
+
+class _DareScratch:
+    """A DARE sweep's buffers for pieces of up to ``step`` entries, kept from piece to piece."""
+
+    def __init__(self, step: int, device: torch.device) -> None:
+        self.keep = torch.empty(step, dtype=torch.uint8, device=device)  # (step,) 1 keep / 0 drop
+        self.words = torch.empty((step + 7) // 8, dtype=torch.int64)  # (step/8,) random draws, packed verdicts
+        self.flags = torch.empty(round8(step), dtype=torch.uint8, device=device)  # (step,) 1 where undecided
+        fused = device.type == "cpu"
+        self.tied_pos = torch.empty(step if fused else 0, dtype=torch.int64)  # the fused sweep's undecided
+        self.tied_val = torch.empty(step if fused else 0)
 
 
 class _Appender:

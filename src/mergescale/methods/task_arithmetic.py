@@ -53,8 +53,9 @@ from functools import partial
 import torch
 
 from mergescale.errors import ConfigError
+from mergescale.methods import kernels
 from mergescale.methods.base import MergeMethod, MethodInputs, ParamSpec, ParamValue, TensorMeta
-from mergescale.methods.blocked import Block, BlockedMerge, column_ranges, run_in_memory
+from mergescale.methods.blocked import GRID, Block, BlockedMerge, column_ranges, grid_pieces, run_in_memory
 from mergescale.methods.linear import ZERO_SUM
 from mergescale.methods.sparsify import RANDOM, Sparsification, Sparsifier, check_della_range, sparsifier
 
@@ -211,7 +212,22 @@ class TaskVectorMerge(BlockedMerge):
                 rule.take_sample(tensors[i] - base)
 
     def statistics(self, block: Block) -> None:
-        block.run(lambda i: self.rules[i].statistics(block, i), self.k)
+        if block.materialized:
+            block.run(lambda i: self.rules[i].statistics(block, i), self.k)
+            return
+        # Rows as read: piece by piece, every model of a thread's share at each piece, so the base's piece is
+        # read from memory once per thread and pass, not once per model (measured 1.6-2.2 → 1.2 ns per entry).
+        sweeping = [i for i, r in enumerate(self.rules) if r.sweeping]
+        shares = [sweeping[j :: block.workers] for j in range(min(block.workers, len(sweeping)))]
+        base = block.flat_base()
+
+        def sweep(j: int) -> None:
+            scratch = torch.empty(min(GRID, block.numel), device=block.device)
+            for lo, hi in grid_pieces(block):
+                for i in shares[j]:
+                    self.rules[i].feed(block.piece(i, lo, hi, scratch), base[lo:hi], block.offset + lo)
+
+        block.run(sweep, len(shares))
 
     def end_pass(self) -> bool:
         again = False
@@ -241,6 +257,7 @@ class TaskVectorMerge(BlockedMerge):
 
         def combine(lo: int, hi: int) -> None:
             scratch = None if block.materialized else torch.empty((k, min(step, hi - lo)), device=dev)
+            fused = torch.empty(kernels.MERGE_SCRATCH, device=dev) if self.preset.consensus else None
             for s in range(lo, hi, step):
                 e = min(hi, s + step)
                 cols = block.chunk(s, e, scratch)  # (k, c) θᵢ, a view or converted
@@ -248,7 +265,7 @@ class TaskVectorMerge(BlockedMerge):
                 for i, rule in enumerate(self.rules):
                     rule.apply_(cols[i], chunk, block.offset + s)  # τ'ᵢ
                 if self.preset.consensus:
-                    chunk.add_(merge(cols), alpha=self.lam)
+                    merge.add_to(cols, chunk, self.lam, fused)
                 else:
                     chunk.addmv_(cols.T, c)  # θ_base + Σ (λ/D)·δᵢ
 
@@ -288,6 +305,18 @@ class _DisjointMerge:
         # With positive weights a zero divisor means no agreeing entry, hence Δ = 0 there and any positive
         # divisor gives mergekit's result; clamping to the smallest weight is exact elsewhere (Σ ≥ min).
         self.clamp_to = min(positive) if len(positive) == len(weights) else None
+        self.signs = vec([-1.0 if c < 0 else 1.0 for c in coefs])  # (k,)
+
+    def add_to(self, stack: torch.Tensor, out: torch.Tensor, lam: float, scratch: torch.Tensor | None) -> None:
+        """``out += λ·Δ`` for the chunk ``stack`` (k, c): one fused loop on the CPU (:func:`~.kernels.
+        disjoint_merge_`, which leaves the chunk as it is), else :meth:`__call__` (which destroys it)."""
+        rows_contiguous = stack.stride(-1) == 1 or stack.shape[-1] <= 1
+        if scratch is not None and rows_contiguous and kernels.available(out, scratch):
+            kernels.disjoint_merge_(
+                stack, self.coefs, self.signs, self.abs_coefs, self.weights, self.clamp_to, out, lam, scratch
+            )
+        else:
+            out.add_(self(stack), alpha=lam)
 
     def __call__(self, stack: torch.Tensor) -> torch.Tensor:
         elected = torch.mv(stack.T, self.coefs)  # (c,) Σ δᵢ
