@@ -410,7 +410,7 @@ class AbsSum:
 
     def __call__(self, chunk: torch.Tensor) -> float:
         c = chunk.numel()
-        lanes = kernels.numba is not None and chunk.device.type == "cpu" and chunk.dtype == torch.float32
+        lanes = kernels.HAVE_NUMBA and chunk.device.type == "cpu" and chunk.dtype == torch.float32
         if lanes and chunk.is_contiguous():
             return kernels.abs_sum(chunk)
         if self._scratch is None or self._scratch.numel() < c or self._scratch.device != chunk.device:
