@@ -135,3 +135,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama3_70b_ties, tmp_path, n
     assert code == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --max-memory 3.00 GB cannot hold one block"), stderr
+
+
+def test_the_plan_counts_the_compiled_loops_once_unless_they_are_loaded(llama3_70b_ties, no_weights_read, monkeypatch):
+    """TIES runs numba's loops: a process that has not loaded them yet plans their runtime once, on every job
+    from the first that loads them; one that has (its resident set holds them) plans nothing more."""
+    from mergescale.methods import kernels
+
+    monkeypatch.setattr(memory, "current_rss", lambda: 10**9)  # the same baseline for both plans
+    monkeypatch.setattr(kernels, "loaded", lambda: True)
+    loaded = plan_memory(llama3_70b_ties, max_memory="24GB")
+    monkeypatch.setattr(kernels, "loaded", lambda: False)
+    fresh = plan_memory(llama3_70b_ties, max_memory="24GB")
+    assert fresh.peak - loaded.peak == memory.FUSED_LOOPS_BYTES
+    assert all(j.runtime == memory.FUSED_LOOPS_BYTES for j in fresh.jobs[fresh.peak_job :])
+    assert all(j.runtime == 0 for j in loaded.jobs)

@@ -125,6 +125,7 @@ class ArceeFusionMerge(BlockedMerge):
     On a tensor that is one materialized block s is kept from the first pass (as the whole-tensor code did)."""
 
     has_statistics = True
+    fused_loops = True  # TopKSearch's band sweep
 
     def __init__(self, meta: TensorMeta) -> None:
         shape = meta.shape

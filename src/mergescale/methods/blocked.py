@@ -152,6 +152,8 @@ class BlockedMerge:
         has_statistics: whether statistics passes run before the apply pass.
         materialize: the method needs each block's model rows as one float32 tensor (whole rows at once, kept
             from its statistics pass for the apply pass within a block) rather than converted piece by piece.
+        fused_loops: planning: on the CPU the method runs the compiled loops of :mod:`~.kernels`, whose runtime
+            the process loads on their first call.
     """
 
     row_multiple: int = 1
@@ -159,6 +161,7 @@ class BlockedMerge:
     state_bytes: int = 0
     has_statistics: bool = False
     materialize: bool = False
+    fused_loops: bool = False
 
     def sample_positions(self) -> torch.Tensor | None:
         """Flat positions (int64, CPU) to read from every input before the first pass, or None."""

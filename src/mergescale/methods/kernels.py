@@ -21,6 +21,7 @@ next to this file (or in its user cache when that is read-only): later processes
 
 from __future__ import annotations
 
+import sys
 from importlib.util import find_spec
 
 import numpy as np
@@ -39,6 +40,11 @@ def _loops():  # the compiled module
     from mergescale.methods import _fused_loops
 
     return _fused_loops
+
+
+def loaded() -> bool:
+    """Whether this process has loaded the compiled loops (and numba's runtime with them)."""
+    return "mergescale.methods._fused_loops" in sys.modules
 
 
 def available(*tensors: torch.Tensor) -> bool:

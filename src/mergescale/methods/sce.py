@@ -131,6 +131,7 @@ class SceMerge(BlockedMerge):
     """
 
     has_statistics = True
+    fused_loops = True  # TopKSearch's band sweep
 
     def __init__(self, meta: TensorMeta) -> None:
         self.k, self.n = k, n = meta.k, meta.numel

@@ -193,6 +193,7 @@ class TaskVectorMerge(BlockedMerge):
             self.row_multiple = 8 // math.gcd(meta.row_numel, 8)  # packed verdicts: blocks start on bytes
         if self.sparse and preset.sparsification in ("magnitude", "magnitude_outliers"):
             self.state_bytes = int(k * n * 4 * 0.025)  # candidates around each threshold: ~2 % of the entries
+        self.fused_loops = self.linear is None  # selections, DARE's sweep, the L1 sums, the disjoint merge
         self._lam_over = 0.0
         if not preset.consensus and self.linear is None:
             self._lam_over = self.lam / _normalize_divisor(self.weights, self.normalize, where)
