@@ -389,7 +389,7 @@ class GridSum:
 
     def add_chunk(self, offset: int, c: int, value: float) -> None:
         """``fn``'s value for the whole chunk ``[offset, offset + c)``, computed by the caller."""
-        assert offset % GRID == 0 and c == min(GRID, self.n - offset) and self._carry_len == 0, "not a whole chunk"
+        assert self.whole_chunk(offset, c), "not a whole chunk"
         self.values[0] += value
 
     def whole_chunk(self, offset: int, c: int) -> bool:

@@ -47,9 +47,10 @@ def loaded() -> bool:
     return "mergescale.methods._fused_loops" in sys.modules
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loops can run on these tensors: numba present, every tensor contiguous on the CPU."""
-    return ENABLED and HAVE_NUMBA and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+def available(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused loops can run on these tensors (None: an optional one not given): numba present, every
+    tensor contiguous on the CPU."""
+    return ENABLED and HAVE_NUMBA and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
 
 
 _NO_FLOATS = torch.empty(0, dtype=torch.float32)
@@ -85,8 +86,8 @@ def disjoint_merge_(
     coefs: torch.Tensor,
     signs: torch.Tensor,
     abs_coefs: torch.Tensor,
-    weights: torch.Tensor | None,
-    clamp_to: float | None,
+    weights: torch.Tensor,
+    clamp_to: float,
     out: torch.Tensor,
     lam: float,
     scratch: torch.Tensor,
@@ -94,17 +95,15 @@ def disjoint_merge_(
     """TIES' elect and disjoint merge of the chunk ``cols`` (k, c) of τ'ᵢ, added to ``out`` (c,), fused.
 
     With δᵢ = cᵢ·τ'ᵢ: e = sign(Σ δᵢ) (ties elect +); Δ = Σ |cᵢ|·max(sign(cᵢ)·τ'ᵢ·e, 0)·e over the models, divided
-    (with ``weights``) by Σ wᵢ over the agreeing entries (clamped to ``clamp_to``, or 1 where 0); ``out += λΔ``.
-    Float32, sums in model order, each product and sum rounded (no fused multiply-add). ``cols``' rows must be
-    contiguous; ``scratch`` holds :data:`MERGE_SCRATCH` float32. ``cols`` is not modified. Without ``weights`` the divisor is 1:
-    weights of 0 and a divisor forced to 1 (``clamp_to``) give exactly that.
+    by Σ wᵢ over the agreeing entries, at least ``clamp_to`` when it is > 0, else 1 where that sum is 0;
+    ``out += λΔ``. Weights of 0 with ``clamp_to`` 1 divide by 1. Float32, sums in model order, each product and
+    sum rounded (no fused multiply-add). ``cols``' rows must be contiguous; ``scratch`` holds
+    :data:`MERGE_SCRATCH` float32. ``cols`` is not modified.
     """
     k, c = cols.shape
     rs = cols.stride(0) if k > 1 else c
     flat = torch.as_strided(cols, ((k - 1) * rs + c,), (1,))  # (…,) the rows and what lies between them
     e, d, w = scratch[: 3 * _TILE].view(3, _TILE)
-    if weights is None:
-        weights, clamp_to = torch.zeros(k), 1.0
     _loops()._disjoint_merge(
         flat.numpy(),
         rs,
@@ -114,7 +113,7 @@ def disjoint_merge_(
         signs.numpy(),
         abs_coefs.numpy(),
         weights.numpy(),
-        np.float32(clamp_to if clamp_to is not None else 0.0),
+        np.float32(clamp_to),
         out.numpy(),
         np.float32(lam),
         e.numpy(),

@@ -143,7 +143,7 @@ def top_k_thresholds_(
         xc = x[start : start + step]  # (c,) a view: subtraction lands in x
         c = xc.numel()
         sub = subtract[start : start + step] if subtract is not None else None
-        if not with_sums and kernels.available(xc, *([sub] if sub is not None else [])):
+        if not with_sums and kernels.available(xc, sub):
             if positions is None:
                 positions = torch.empty(step, dtype=torch.int64)
             for b in bands:
@@ -473,7 +473,7 @@ class TopKSearch:
             xc = x[pos:end]  # (c,) a view: the subtraction lands in x
             sub = subtract[pos:end] if subtract is not None else None
             c = end - pos
-            if not self._coarse and kernels.available(xc, *([sub] if sub is not None else [])):
+            if not self._coarse and kernels.available(xc, sub):
                 self._count_fused(xc, sub, mbuf[:c], g)
                 mc = torch.abs(xc, out=mbuf[:c]) if self._sums is not None else None
             else:
@@ -510,8 +510,7 @@ class TopKSearch:
             b.n_above += n_above
             b.values.append(values[:m].clone())
             b.pieces.append((start, start + xc.numel()))
-        if sub is not None:  # no open band (cannot happen while sweeping), but the subtraction is owed
-            xc.sub_(sub)
+        assert sub is None, "a piece fed with every band resolved"
 
     def _count(self, mc: torch.Tensor, above: torch.Tensor, inside: torch.Tensor, start: int) -> None:
         bits = mc.view(torch.int32)  # (c,) for |x| ≥ 0 the float order is the integer order of the bits

@@ -94,8 +94,9 @@ def _della_keep_mask(
 class Sparsifier:
     """What survives of one model's τ = θ − θ_base, decided over blocks that come in flat order.
 
-    ``statistics(block, i)`` gathers what the decision needs from model ``i``'s rows (on a materialized
-    block also leaving τ there in place); ``end_pass()`` decides (True: another pass). For combining,
+    ``statistics(block, i)`` gathers what the decision needs from model ``i``'s rows of a materialized block
+    (also leaving τ there in place); rows as read come instead piece by piece through ``feed`` while
+    ``sweeping`` (:meth:`~.task_arithmetic.TaskVectorMerge.statistics`). ``end_pass()`` decides (True: another pass). For combining,
     ``prepare(block, i)`` is called once per block, then ``apply_(xc, bc, start)`` on each chunk of the block in
     flat order (``xc`` the model's chunk as in the block, ``bc`` the base's): the chunk becomes τ' (τ computed
     there when the block is fresh, so the block is swept once), its dropped entries zeroed. ``scale`` is the
@@ -176,10 +177,8 @@ class _Magnitude(Sparsifier):
         if self.search.finished:
             return super().statistics(block, i)
         base = block.flat_base()
-        scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
-        for lo, hi in grid_pieces(block):
-            x = block.piece(i, lo, hi, scratch)
-            self.search.feed(x, block.offset + lo, subtract=base[lo:hi] if block.fresh else None)
+        for lo, hi in grid_pieces(block):  # a materialized block: views of its rows
+            self.search.feed(block.piece(i, lo, hi), block.offset + lo, subtract=base[lo:hi] if block.fresh else None)
 
     def feed(self, xc: torch.Tensor, bp: torch.Tensor, g: int) -> None:
         self.search.feed(xc, g, subtract=bp)
@@ -259,10 +258,9 @@ class _Dare(Sparsifier):
         if self.done:
             return super().statistics(block, i)
         base = block.flat_base()
-        scratch = None if block.materialized else torch.empty(min(SWEEP_CHUNK, block.numel), device=block.device)
-        whole = block.materialized and block.offset == 0 and block.numel == self.n  # τ' stays in place
-        for lo, hi in grid_pieces(block):
-            self.feed(block.piece(i, lo, hi, scratch), base[lo:hi], block.offset + lo, packed=not whole)
+        whole = block.offset == 0 and block.numel == self.n  # the tensor's one block: τ' stays in place
+        for lo, hi in grid_pieces(block):  # a materialized block: views of its rows
+            self.feed(block.piece(i, lo, hi), base[lo:hi], block.offset + lo, packed=not whole)
 
     def _scratch(self, device: torch.device) -> _DareScratch:
         if self._buffers is None or self._buffers.keep.device != device:

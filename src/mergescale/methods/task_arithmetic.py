@@ -307,15 +307,16 @@ class _DisjointMerge:
         # divisor gives mergekit's result; clamping to the smallest weight is exact elsewhere (Σ ≥ min).
         self.clamp_to = min(positive) if len(positive) == len(weights) else None
         self.signs = vec([-1.0 if c < 0 else 1.0 for c in coefs])  # (k,)
+        # the fused loop's divisor: without normalizing, weights of 0 held at 1
+        zeros = vec([0.0] * len(coefs))
+        self.divisor = (self.weights, self.clamp_to or 0.0) if self.weights is not None else (zeros, 1.0)
 
     def add_to(self, stack: torch.Tensor, out: torch.Tensor, lam: float, scratch: torch.Tensor | None) -> None:
         """``out += λ·Δ`` for the chunk ``stack`` (k, c): one fused loop on the CPU (:func:`~.kernels.
         disjoint_merge_`, which leaves the chunk as it is), else :meth:`__call__` (which destroys it)."""
         rows_contiguous = stack.stride(-1) == 1 or stack.shape[-1] <= 1
         if scratch is not None and rows_contiguous and kernels.available(out, scratch):
-            kernels.disjoint_merge_(
-                stack, self.coefs, self.signs, self.abs_coefs, self.weights, self.clamp_to, out, lam, scratch
-            )
+            kernels.disjoint_merge_(stack, self.coefs, self.signs, self.abs_coefs, *self.divisor, out, lam, scratch)
         else:
             out.add_(self(stack), alpha=lam)
 
